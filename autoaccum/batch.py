@@ -1,0 +1,140 @@
+"""Split, tile and move a nested batch along dim 0.
+
+A batch is a tensor, or a tuple/list/namedtuple/mapping nesting tensors (numpy arrays are
+accepted as leaves too); every tensor holds one row per sample. ``None`` leaves are copied
+into every part. Anything else cannot be divided between samples and is rejected with the
+path of the offending leaf, before anything runs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+_Leaf = torch.Tensor | np.ndarray
+
+
+def batch_size(batch: Any, *, name: str = "batch") -> int:
+    """Number of samples in ``batch``: the common dim 0 of its tensors.
+
+    Raises ``ValueError`` when tensors disagree on dim 0 or there is no sample, and ``TypeError``
+    for leaves that cannot be split; the message names the leaf (e.g. ``batch['labels']``).
+    """
+    sizes: list[tuple[str, int]] = []
+
+    def visit(leaf: _Leaf, path: str) -> None:
+        sizes.append((path, leaf.shape[0]))
+
+    _walk(batch, name, visit)
+    if not sizes:
+        raise ValueError(f"{name} holds no tensors, so there are no samples to train on; pass a "
+                         f"tensor or a tuple/list/dict of tensors with one row per sample")
+    first_path, n = sizes[0]
+    for path, m in sizes[1:]:
+        if m != n:
+            raise ValueError(
+                f"{name} tensors disagree on dim 0: {first_path} has {n} rows but {path} has {m}; "
+                f"every tensor in a batch must have one row per sample")
+    if n == 0:
+        raise ValueError(f"{name} is empty ({first_path} has 0 rows); skip empty batches before "
+                         f"calling step()")
+    return n
+
+
+def split(batch: Any, sizes: list[int]) -> list[Any]:
+    """Cut ``batch`` into consecutive parts of ``sizes`` rows; tensors become views, not copies."""
+    n = batch_size(batch)
+    if sum(sizes) != n or any(s <= 0 for s in sizes):
+        raise ValueError(f"sizes {sizes} must be positive and sum to the batch's {n} samples")
+    return [_slice(batch, start, start + size)
+            for start, size in zip(_offsets(sizes), sizes)]
+
+
+def tile(batch: Any, n: int) -> Any:
+    """A batch of exactly ``n`` samples: the first ``n`` rows, or the rows repeated cyclically."""
+    have = batch_size(batch)
+    if n <= have:
+        return _slice(batch, 0, n)
+    reps = -(-n // have)
+
+    def grow(leaf: _Leaf) -> _Leaf:
+        if isinstance(leaf, torch.Tensor):
+            return leaf.repeat(reps, *([1] * (leaf.dim() - 1)))[:n]
+        return np.concatenate([leaf] * reps, axis=0)[:n]
+
+    return _map(batch, grow)
+
+
+def to_device(batch: Any, device: torch.device, *, non_blocking: bool = True) -> Any:
+    """Move every tensor leaf to ``device`` (numpy leaves become tensors there)."""
+    def move(leaf: _Leaf) -> torch.Tensor:
+        if isinstance(leaf, np.ndarray):
+            leaf = torch.from_numpy(leaf)
+        if leaf.device == device:
+            return leaf
+        return leaf.to(device, non_blocking=non_blocking)
+
+    return _map(batch, move)
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for s in sizes:
+        out.append(total)
+        total += s
+    return out
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    return _map(batch, lambda leaf: leaf[start:stop])
+
+
+def _map(batch: Any, fn: Callable[[_Leaf], Any]) -> Any:
+    """Rebuild ``batch`` with ``fn`` applied to every tensor/array leaf (``None`` kept)."""
+    if batch is None:
+        return None
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        items = {k: _map(v, fn) for k, v in batch.items()}
+        try:
+            return type(batch)(items)
+        except Exception:  # mapping types whose constructor takes other arguments
+            return items
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_map(v, fn) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map(v, fn) for v in batch)
+    _walk(batch, "batch", lambda leaf, path: None)  # raises the TypeError that names the leaf
+    raise AssertionError(f"unhandled batch element {type(batch).__name__}")  # pragma: no cover
+
+
+def _walk(batch: Any, path: str, visit: Callable[[_Leaf, str], None]) -> None:
+    if batch is None:
+        return
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        if batch.ndim == 0:
+            raise TypeError(f"{path} is a 0-dim {type(batch).__name__}, which has no dim 0 to split "
+                            f"between samples; give it one row per sample or move it out of the batch")
+        visit(batch, path)
+        return
+    if isinstance(batch, Mapping):
+        for k, v in batch.items():
+            _walk(v, f"{path}[{k!r}]", visit)
+        return
+    if isinstance(batch, (tuple, list)):
+        for i, v in enumerate(batch):
+            _walk(v, f"{path}[{i}]", visit)
+        return
+    raise TypeError(
+        f"{path} is a {type(batch).__name__} ({_short_repr(batch)}), which cannot be split between "
+        f"micro-batches; a batch may hold tensors (or numpy arrays) with one row per sample, nested in "
+        f"tuples, lists or dicts, and None; turn per-sample data into a tensor, or pass constants "
+        f"through loss_fn instead of the batch")
+
+
+def _short_repr(x: Any) -> str:
+    r = repr(x)
+    return r if len(r) <= 40 else r[:37] + "..."
