@@ -1,0 +1,299 @@
+"""One optimizer step of the target batch, run as micro-batches, equal to the full-batch step.
+
+The order of events in :meth:`Trainer.step` is the whole story:
+
+1. split the batch into micro-batches and count each one's items (``count_fn``) - before any
+   state changes, so bad input raises with nothing touched;
+2. for each micro-batch: forward (under autocast), then backward of ``loss * items_i / items``,
+   so the accumulated gradient is the gradient of the item-weighted mean over the whole batch;
+3. unscale (fp16), measure the gradient norm and look for inf/nan, clip, step the optimizer
+   and the scheduler - or skip all three if anything was non-finite.
+
+The usual tutorial loop divides each micro-batch loss by ``accum_steps``, which is right only
+when every micro-batch holds the same number of items. Here micro-batch ``i`` is weighted by
+``items_i / items_total`` with the total counted before the first backward, so uneven splits
+and token-mean losses over padded sequences give the full-batch update.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import batch as batching
+from .batchnorm import RunningStats
+from .plan import Plan, balanced_split
+from .progress import Progress
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+CountFn = Callable[[Any], Any]
+
+
+@dataclass
+class StepStats:
+    """What one :meth:`Trainer.step` did."""
+
+    loss: float                 # item-weighted mean loss over the whole batch
+    grad_norm: float | None     # total norm before clipping (only when max_grad_norm is set)
+    skipped: bool               # True when the update was skipped (non-finite loss or gradients)
+    micro_batches: list[int]    # sizes actually run
+    items: int | float          # items counted over the batch (samples unless count_fn is given)
+    samples: int = 0            # samples in the batch
+    lr: float | None = None     # learning rate of the first param group for this update
+    seconds: float = 0.0        # wall time of the step, host-side
+    events: list[str] = field(default_factory=list)   # notable things that happened, for logs
+
+
+class Trainer:
+    """Runs optimizer steps of ``plan.target_batch`` samples in micro-batches.
+
+    Build it with :func:`autoaccum.fit`, which validates the arguments and finds the plan.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan, *,
+                 loss_fn: LossFn | None, scheduler, max_grad_norm: float | None,
+                 amp_dtype: torch.dtype | None, count_fn: CountFn | None,
+                 batchnorm: str | None, device: torch.device, probe_result=None):
+        self.model = model
+        self.optimizer = optimizer
+        self.plan = plan
+        self.loss_fn = loss_fn
+        self.scheduler = scheduler
+        self.max_grad_norm = max_grad_norm
+        self.amp_dtype = amp_dtype
+        self.count_fn = count_fn
+        self.device = device
+        self.probe_result = probe_result
+        self.scaler = (torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None)
+        self.steps = 0          # optimizer updates applied
+        self.skipped_steps = 0  # steps skipped for non-finite values
+        self._running_stats = RunningStats(model, batchnorm)
+        self._params = _unique(p for p in model.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def step(self, batch: Any) -> StepStats:
+        """Run one optimizer step over ``batch`` (all its samples), split on dim 0.
+
+        ``batch`` may be shorter than the per-rank batch (the last one of an epoch): it is split
+        with the same micro-batch limit and weighted by its own item count, as a full-batch step
+        on it would be. Parameters, optimizer and scheduler change only if the step succeeds.
+        """
+        started = time.perf_counter()
+        parts, sizes, counts = self._prepare(batch)
+        total = sum(counts)
+        weights = [c / total for c in counts]
+
+        self._zero_grad()
+        self._running_stats.begin(len(parts))
+        try:
+            loss_sum = self._accumulate(parts, weights)
+        except BaseException:
+            self._zero_grad()
+            self._running_stats.abort()
+            raise
+        self._running_stats.end()
+
+        stats = self._update(loss_sum)
+        stats.micro_batches = [s for s, c in zip(sizes, counts) if c > 0]
+        stats.items = _as_number(total)
+        stats.samples = sum(sizes)
+        stats.seconds = time.perf_counter() - started
+        if any(c == 0 for c in counts):
+            stats.events.append(f"skipped {counts.count(0)} micro-batch(es) with no items")
+        return stats
+
+    def _prepare(self, batch: Any) -> tuple[list[Any], list[int], list[float]]:
+        """Split and count; raises on bad input before anything is touched."""
+        n = batching.batch_size(batch)
+        if n > self.plan.per_rank_batch:
+            raise ValueError(
+                f"batch has {n} samples but this rank's share of target_batch={self.plan.target_batch} "
+                f"is {self.plan.per_rank_batch}; give step() one optimizer step of samples "
+                f"(e.g. DataLoader(batch_size={self.plan.per_rank_batch}))")
+        sizes = self.plan.micro_batches if n == self.plan.per_rank_batch else balanced_split(n, self.plan.micro_batch)
+        parts = batching.split(batch, sizes)
+        counts = self._count(parts, sizes)
+        return parts, sizes, counts
+
+    def _count(self, parts: list[Any], sizes: list[int]) -> list[float]:
+        if self.count_fn is None:
+            return [float(s) for s in sizes]
+        raw = [self.count_fn(p) for p in parts]
+        counts = []
+        for i, c in enumerate(raw):
+            value = _to_number(c, f"count_fn(micro_batch {i})")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"count_fn returned {value} for micro-batch {i}; it must return the "
+                                 f"number of items (e.g. non-padding tokens) in the micro-batch, >= 0")
+            counts.append(value)
+        if sum(counts) <= 0:
+            raise ValueError(f"count_fn returned 0 items for every micro-batch ({counts}); the loss "
+                             f"mean over the batch is undefined. count_fn must count the items the "
+                             f"loss averages over (e.g. tokens whose label is not ignored)")
+        return counts
+
+    def _accumulate(self, parts: list[Any], weights: list[float]) -> torch.Tensor:
+        """Forward and backward every micro-batch; returns the weighted loss sum (on device)."""
+        loss_sum = None
+        for i, (part, w) in enumerate(zip(parts, weights)):
+            if w == 0:
+                continue  # no items: its mean loss is undefined and its share of the update is zero
+            loss = self._forward(batching.to_device(part, self.device), i)
+            self._backward(loss * w)
+            loss_sum = loss.detach() * w if loss_sum is None else loss_sum + loss.detach() * w
+        return loss_sum
+
+    def _forward(self, part: Any, index: int) -> torch.Tensor:
+        with self._autocast():
+            out = (self.loss_fn(self.model, part) if self.loss_fn is not None
+                   else _model_loss(self.model, part))
+        return _check_loss(out, index, self.loss_fn is None)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _update(self, loss_sum: torch.Tensor) -> StepStats:
+        """Unscale, check, clip, step - or skip; then free the gradients."""
+        loss = float(loss_sum)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros(())
+        norm_value = float(norm)
+        skipped = not (math.isfinite(norm_value) and math.isfinite(loss))
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
+        if not skipped and self.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self._params, self.max_grad_norm, norm)
+        if self.scaler is not None:
+            if not skipped:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()  # lowers the scale after inf/nan, as GradScaler always does
+        elif not skipped:
+            self.optimizer.step()
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            self.steps += 1
+            if self.scheduler is not None:
+                self.scheduler.step()
+        self._zero_grad()
+        events = ([f"skipped the update: {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                   f"is not finite"] if skipped else [])
+        return StepStats(loss=loss, grad_norm=norm_value if self.max_grad_norm is not None else None,
+                         skipped=skipped, micro_batches=[], items=0, lr=lr, events=events)
+
+    def _zero_grad(self) -> None:
+        for p in self._params:
+            p.grad = None
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ convenience loop
+    def train(self, loader: Iterable, epochs: int = 1, *, max_steps: int | None = None,
+              progress: bool = True) -> list[StepStats]:
+        """Step through ``loader`` (each item: one optimizer step of samples) for ``epochs``.
+
+        Shows a progress bar (loss, micro-batch, accumulation steps, samples/s) on stderr and
+        returns every step's :class:`StepStats`.
+        """
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive int; got {epochs!r}")
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps must be a positive int or None; got {max_steps!r}")
+        try:
+            per_epoch = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            per_epoch = None
+        total = per_epoch * epochs if per_epoch is not None else None
+        if max_steps is not None:
+            total = min(total, max_steps) if total is not None else max_steps
+        history: list[StepStats] = []
+        bar = Progress(total=total, enabled=progress)
+        try:
+            for _ in range(epochs):
+                for batch in loader:
+                    stats = self.step(batch)
+                    history.append(stats)
+                    bar.update(stats, self.plan)
+                    if max_steps is not None and len(history) >= max_steps:
+                        return history
+        finally:
+            bar.close()
+        return history
+
+    def __repr__(self) -> str:
+        return (f"Trainer({type(self.model).__name__}, {self.plan}, amp={self.amp_dtype}, "
+                f"device={self.device})")
+
+
+def _model_loss(model: nn.Module, part: Any) -> torch.Tensor:
+    """The loss a model computes itself (``loss_fn=None``): ``output.loss`` or ``output["loss"]``."""
+    if isinstance(part, Mapping):
+        out = model(**part)
+    elif isinstance(part, (tuple, list)) and not hasattr(part, "_fields"):
+        out = model(*part)
+    else:
+        out = model(part)
+    if isinstance(out, Mapping) and "loss" in out:
+        return out["loss"]
+    if not isinstance(out, Mapping) and getattr(out, "loss", None) is not None:
+        return out.loss
+    raise TypeError(
+        f"loss_fn is None, so autoaccum uses the loss the model returns, but model(micro_batch) returned "
+        f"{type(out).__name__} without a 'loss'; return an object with .loss or a dict with 'loss', "
+        f"or pass loss_fn=lambda model, micro_batch: <mean loss over the micro-batch's items>")
+
+
+def _check_loss(loss: Any, index: int, from_model: bool) -> torch.Tensor:
+    source = "the model's loss" if from_model else "loss_fn"
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{source} returned {type(loss).__name__} for micro-batch {index}; it must return "
+                        f"a scalar tensor: the mean loss over the micro-batch's items")
+    if loss.numel() != 1:
+        raise ValueError(f"{source} returned a tensor of shape {tuple(loss.shape)} for micro-batch {index}; "
+                         f"it must be a scalar: the MEAN loss over the micro-batch's items (e.g. .mean())")
+    if not loss.is_floating_point():
+        raise TypeError(f"{source} returned a {loss.dtype} tensor for micro-batch {index}; a loss must be "
+                        f"floating point")
+    if not loss.requires_grad:
+        raise ValueError(f"{source} returned a tensor that does not require grad for micro-batch {index}: "
+                         f"it was computed under torch.no_grad(), detached, or from frozen parameters only; "
+                         f"compute it from the model's output with autograd enabled")
+    return loss.reshape(())
+
+
+def _to_number(value: Any, what: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{what} returned a tensor of shape {tuple(value.shape)}; it must return "
+                             f"one number: the items in the micro-batch")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{what} returned {type(value).__name__}; it must return the number of items "
+                            f"(an int or a one-element tensor)") from None
+    return float(value)
+
+
+def _as_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def _unique(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
