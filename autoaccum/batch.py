@@ -43,6 +43,13 @@ def batch_size(batch: Any, *, name: str = "batch") -> int:
     return n
 
 
+def describe(batch: Any, *, name: str = "batch") -> list[tuple[str, tuple[int, ...], str]]:
+    """``(path, per-sample shape, dtype)`` of every leaf: what a batch looks like, minus its length."""
+    leaves: list[tuple[str, tuple[int, ...], str]] = []
+    _walk(batch, name, lambda leaf, path: leaves.append((path, tuple(leaf.shape[1:]), str(leaf.dtype))))
+    return leaves
+
+
 def split(batch: Any, sizes: list[int]) -> list[Any]:
     """Cut ``batch`` into consecutive parts of ``sizes`` rows; tensors become views, not copies."""
     n = batch_size(batch)
@@ -64,7 +71,7 @@ def tile(batch: Any, n: int) -> Any:
             return leaf.repeat(reps, *([1] * (leaf.dim() - 1)))[:n]
         return np.concatenate([leaf] * reps, axis=0)[:n]
 
-    return _map(batch, grow)
+    return map_leaves(batch, grow)
 
 
 def to_device(batch: Any, device: torch.device, *, non_blocking: bool = True) -> Any:
@@ -76,7 +83,7 @@ def to_device(batch: Any, device: torch.device, *, non_blocking: bool = True) ->
             return leaf
         return leaf.to(device, non_blocking=non_blocking)
 
-    return _map(batch, move)
+    return map_leaves(batch, move)
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -88,25 +95,25 @@ def _offsets(sizes: list[int]) -> list[int]:
 
 
 def _slice(batch: Any, start: int, stop: int) -> Any:
-    return _map(batch, lambda leaf: leaf[start:stop])
+    return map_leaves(batch, lambda leaf: leaf[start:stop])
 
 
-def _map(batch: Any, fn: Callable[[_Leaf], Any]) -> Any:
-    """Rebuild ``batch`` with ``fn`` applied to every tensor/array leaf (``None`` kept)."""
+def map_leaves(batch: Any, fn: Callable[[_Leaf], Any]) -> Any:
+    """Rebuild ``batch`` (same container types) with ``fn`` applied to every tensor/array leaf."""
     if batch is None:
         return None
     if isinstance(batch, (torch.Tensor, np.ndarray)):
         return fn(batch)
     if isinstance(batch, Mapping):
-        items = {k: _map(v, fn) for k, v in batch.items()}
+        items = {k: map_leaves(v, fn) for k, v in batch.items()}
         try:
             return type(batch)(items)
         except Exception:  # mapping types whose constructor takes other arguments
             return items
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_map(v, fn) for v in batch))
+        return type(batch)(*(map_leaves(v, fn) for v in batch))
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_map(v, fn) for v in batch)
+        return type(batch)(map_leaves(v, fn) for v in batch)
     _walk(batch, "batch", lambda leaf, path: None)  # raises the TypeError that names the leaf
     raise AssertionError(f"unhandled batch element {type(batch).__name__}")  # pragma: no cover
 

@@ -50,14 +50,15 @@ class Plan:
     def __str__(self) -> str:
         sizes = _compact(self.micro_batches)
         ranks = f" x {self.world_size} ranks" if self.world_size > 1 else ""
-        return (f"target {self.target_batch} = {self.accum_steps} micro-batches {sizes}{ranks} "
+        noun = "micro-batch" if self.accum_steps == 1 else "micro-batches"
+        return (f"target {self.target_batch} = {self.accum_steps} {noun} {sizes}{ranks} "
                 f"(micro-batch limit {self.micro_batch})")
 
 
 def balanced_split(n: int, limit: int) -> list[int]:
     """Split ``n`` samples into the fewest parts of at most ``limit``, sizes differing by at most 1."""
-    _check_positive_int("n", n, "the number of samples to split")
-    _check_positive_int("limit", limit, "the largest micro-batch")
+    check_positive_int("n", n, "the number of samples to split")
+    check_positive_int("limit", limit, "the largest micro-batch")
     parts = math.ceil(n / limit)
     base, extra = divmod(n, parts)
     return [base + 1] * extra + [base] * (parts - extra)
@@ -71,9 +72,9 @@ def plan(target_batch: int, micro_batch: int, world_size: int = 1) -> Plan:
     A ``micro_batch`` larger than the per-rank batch is clamped to it (recorded in ``notes``):
     a limit above what a step needs is not an error, e.g. when the probe finds room for more.
     """
-    _check_positive_int("target_batch", target_batch, "the effective batch size of one optimizer step")
-    _check_positive_int("micro_batch", micro_batch, "the largest micro-batch that fits in memory")
-    _check_positive_int("world_size", world_size, "the number of data-parallel ranks")
+    check_positive_int("target_batch", target_batch, "the effective batch size of one optimizer step")
+    check_positive_int("micro_batch", micro_batch, "the largest micro-batch that fits in memory")
+    check_positive_int("world_size", world_size, "the number of data-parallel ranks")
     if target_batch % world_size:
         lower = target_batch - target_batch % world_size
         upper = lower + world_size
@@ -92,12 +93,13 @@ def plan(target_batch: int, micro_batch: int, world_size: int = 1) -> Plan:
                 accum_steps=len(sizes), micro_batches=sizes, notes=notes)
 
 
-def _check_positive_int(name: str, value, meaning: str) -> None:
+def check_positive_int(name: str, value, meaning: str = "") -> None:
+    """TypeError for non-ints (bools included), ValueError for ints <= 0; the message names ``name``."""
+    what = f" ({meaning})" if meaning else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int ({meaning}); got {value!r} "
-                        f"of type {type(value).__name__}")
+        raise TypeError(f"{name} must be a positive int{what}; got {value!r} of type {type(value).__name__}")
     if value <= 0:
-        raise ValueError(f"{name} must be a positive int ({meaning}); got {value}")
+        raise ValueError(f"{name} must be a positive int{what}; got {value}")
 
 
 def _compact(sizes: list[int]) -> str:

@@ -37,7 +37,8 @@ class Progress:
             filled = int(20 * self.count / self.total)
             bar = "[" + "#" * filled + "." * (20 - filled) + "] "
         skipped = f" skipped {self.skipped}" if self.skipped else ""
-        self._line = (f"{bar}step {done}  loss {stats.loss:.4f}  micro-batch {plan.micro_batch} "
+        largest = max(stats.micro_batches, default=0)
+        self._line = (f"{bar}step {done}  loss {stats.loss:.4f}  micro-batch {largest} "
                       f"x {len(stats.micro_batches)}  {rate:,.0f} samples/s{skipped}")
         now = time.perf_counter()
         if self.tty:

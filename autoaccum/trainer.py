@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +27,10 @@ from torch import nn
 
 from . import batch as batching
 from .batchnorm import RunningStats
+from .loss import LossFn, compute_loss
 from .plan import Plan, balanced_split
 from .progress import Progress
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 CountFn = Callable[[Any], Any]
 
 
@@ -149,18 +149,10 @@ class Trainer:
         return loss_sum
 
     def _forward(self, part: Any, index: int) -> torch.Tensor:
-        with self._autocast():
-            out = (self.loss_fn(self.model, part) if self.loss_fn is not None
-                   else _model_loss(self.model, part))
-        return _check_loss(out, index, self.loss_fn is None)
+        return compute_loss(self.model, part, self.loss_fn, self.device, self.amp_dtype, index)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _update(self, loss_sum: torch.Tensor) -> StepStats:
         """Unscale, check, clip, step - or skip; then free the gradients."""
@@ -233,42 +225,6 @@ class Trainer:
     def __repr__(self) -> str:
         return (f"Trainer({type(self.model).__name__}, {self.plan}, amp={self.amp_dtype}, "
                 f"device={self.device})")
-
-
-def _model_loss(model: nn.Module, part: Any) -> torch.Tensor:
-    """The loss a model computes itself (``loss_fn=None``): ``output.loss`` or ``output["loss"]``."""
-    if isinstance(part, Mapping):
-        out = model(**part)
-    elif isinstance(part, (tuple, list)) and not hasattr(part, "_fields"):
-        out = model(*part)
-    else:
-        out = model(part)
-    if isinstance(out, Mapping) and "loss" in out:
-        return out["loss"]
-    if not isinstance(out, Mapping) and getattr(out, "loss", None) is not None:
-        return out.loss
-    raise TypeError(
-        f"loss_fn is None, so autoaccum uses the loss the model returns, but model(micro_batch) returned "
-        f"{type(out).__name__} without a 'loss'; return an object with .loss or a dict with 'loss', "
-        f"or pass loss_fn=lambda model, micro_batch: <mean loss over the micro-batch's items>")
-
-
-def _check_loss(loss: Any, index: int, from_model: bool) -> torch.Tensor:
-    source = "the model's loss" if from_model else "loss_fn"
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"{source} returned {type(loss).__name__} for micro-batch {index}; it must return "
-                        f"a scalar tensor: the mean loss over the micro-batch's items")
-    if loss.numel() != 1:
-        raise ValueError(f"{source} returned a tensor of shape {tuple(loss.shape)} for micro-batch {index}; "
-                         f"it must be a scalar: the MEAN loss over the micro-batch's items (e.g. .mean())")
-    if not loss.is_floating_point():
-        raise TypeError(f"{source} returned a {loss.dtype} tensor for micro-batch {index}; a loss must be "
-                        f"floating point")
-    if not loss.requires_grad:
-        raise ValueError(f"{source} returned a tensor that does not require grad for micro-batch {index}: "
-                         f"it was computed under torch.no_grad(), detached, or from frozen parameters only; "
-                         f"compute it from the model's output with autograd enabled")
-    return loss.reshape(())
 
 
 def _to_number(value: Any, what: str) -> float:

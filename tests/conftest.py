@@ -19,3 +19,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _private_probe_cache(tmp_path, monkeypatch):
+    """Each test gets its own probe cache, so no test reads another's results or the user's."""
+    monkeypatch.setenv("AUTOACCUM_CACHE_DIR", str(tmp_path / "autoaccum-cache"))

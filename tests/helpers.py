@@ -73,3 +73,20 @@ def assert_state_equal(model, opt, snapshot):
                 assert torch.equal(other, val), f"optimizer state {idx}.{key} changed"
             else:
                 assert other == val
+
+
+def convnet(dtype=torch.float32, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                         nn.Dropout(0.1), nn.Linear(32 * 16, 10)).to(dtype)
+
+
+def image_batch(n, dtype=torch.float32, seed=2, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g, dtype=dtype), torch.randint(0, 10, (n,), generator=g)
+
+
+def ce_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)

@@ -59,7 +59,7 @@ def test_train_loop_returns_history_and_reports_progress(capsys):
     assert history[5].samples == 7 and history[0].micro_batches == [8, 8, 8, 8]
     assert history[-1].loss < history[0].loss
     err = capsys.readouterr().err
-    assert "step 12/12" in err and "micro-batch 10 x" in err and "samples/s" in err
+    assert "step 12/12" in err and "micro-batch 8 x 4" in err and "samples/s" in err
     assert len(trainer.train(loader, max_steps=3, progress=False)) == 3
     with pytest.raises(ValueError, match="epochs"):
         trainer.train(loader, epochs=0)

@@ -1,0 +1,63 @@
+"""One micro-batch's loss: call the user's ``loss_fn`` (or the model) under autocast, check the result.
+
+Shared by the trainer and the memory probe, so a probe trial runs exactly what training runs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def compute_loss(model: nn.Module, part: Any, loss_fn: LossFn | None, device: torch.device,
+                 amp_dtype: torch.dtype | None, index: int = 0) -> torch.Tensor:
+    """The checked scalar mean loss of micro-batch ``index`` (``part`` already on ``device``)."""
+    with autocast(device, amp_dtype):
+        out = loss_fn(model, part) if loss_fn is not None else model_loss(model, part)
+    return check_loss(out, index, loss_fn is None)
+
+
+def model_loss(model: nn.Module, part: Any) -> torch.Tensor:
+    """The loss a model computes itself (``loss_fn=None``): ``output.loss`` or ``output["loss"]``."""
+    if isinstance(part, Mapping):
+        out = model(**part)
+    elif isinstance(part, (tuple, list)) and not hasattr(part, "_fields"):
+        out = model(*part)
+    else:
+        out = model(part)
+    if isinstance(out, Mapping) and "loss" in out:
+        return out["loss"]
+    if not isinstance(out, Mapping) and getattr(out, "loss", None) is not None:
+        return out.loss
+    raise TypeError(
+        f"loss_fn is None, so autoaccum uses the loss the model returns, but model(micro_batch) returned "
+        f"{type(out).__name__} without a 'loss'; return an object with .loss or a dict with 'loss', "
+        f"or pass loss_fn=lambda model, micro_batch: <mean loss over the micro-batch's items>")
+
+
+def check_loss(loss: Any, index: int, from_model: bool) -> torch.Tensor:
+    source = "the model's loss" if from_model else "loss_fn"
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{source} returned {type(loss).__name__} for micro-batch {index}; it must return "
+                        f"a scalar tensor: the mean loss over the micro-batch's items")
+    if loss.numel() != 1:
+        raise ValueError(f"{source} returned a tensor of shape {tuple(loss.shape)} for micro-batch {index}; "
+                         f"it must be a scalar: the MEAN loss over the micro-batch's items (e.g. .mean())")
+    if not loss.is_floating_point():
+        raise TypeError(f"{source} returned a {loss.dtype} tensor for micro-batch {index}; a loss must be "
+                        f"floating point")
+    if not loss.requires_grad:
+        raise ValueError(f"{source} returned a tensor that does not require grad for micro-batch {index}: "
+                         f"it was computed under torch.no_grad(), detached, or from frozen parameters only; "
+                         f"compute it from the model's output with autograd enabled")
+    return loss.reshape(())
