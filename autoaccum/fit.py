@@ -7,32 +7,31 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from .batchnorm import MODES as BATCHNORM_MODES
+from .checks import check_amp_dtype, check_callable
 from .plan import plan as make_plan
+from .probe import probe
 from .trainer import CountFn, LossFn, Trainer
-
-_AMP_NAMES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
 
 def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *,
         loss_fn: LossFn | None = None, micro_batch: int | None = None, scheduler: Any = None,
         max_grad_norm: float | None = None, amp_dtype: torch.dtype | str | None = None,
         count_fn: CountFn | None = None, batchnorm: str | None = None,
-        device: torch.device | str | None = None, sample: Any = None) -> Trainer:
+        device: torch.device | str | None = None, sample: Any = None,
+        memory_budget: int | str | None = None, probe_cache: bool = True) -> Trainer:
     """Set up exact large-batch training of ``model`` with an effective batch of ``target_batch``.
 
     ``loss_fn(model, micro_batch)`` returns the MEAN loss over the micro-batch's items; without
     it the model's own output must carry the loss (``out.loss`` or ``out["loss"]``).
     ``count_fn(micro_batch)`` counts those items (default: samples), e.g. non-padding tokens.
-    ``micro_batch`` is the largest micro-batch to run; ``None`` means find it by probing memory
-    with ``sample``. ``amp_dtype`` is ``torch.float16`` (with a GradScaler) or ``torch.bfloat16``.
+    ``micro_batch`` is the largest micro-batch to run; ``None`` means find it with
+    :func:`autoaccum.probe` on ``sample`` (the worst-case batch, or ``sample(n)``) under
+    ``memory_budget``, with results cached unless ``probe_cache=False``. ``amp_dtype`` is ``torch.float16`` (with a GradScaler) or ``torch.bfloat16``.
     ``batchnorm`` is ``"micro"``, ``"freeze"`` or ``"step"`` (see :mod:`autoaccum.batchnorm`).
     ``device`` is where micro-batches are moved before the forward (default: the model's).
     """
@@ -43,14 +42,14 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
         raise ValueError("model has no parameter that requires grad, so there is nothing to train")
     _check_optimizer(optimizer, params)
     _check_scheduler(scheduler, optimizer)
-    _check_callable("loss_fn", loss_fn, "loss_fn(model, micro_batch) -> scalar mean loss")
-    _check_callable("count_fn", count_fn, "count_fn(micro_batch) -> number of items")
+    check_callable("loss_fn", loss_fn, "loss_fn(model, micro_batch) -> scalar mean loss")
+    check_callable("count_fn", count_fn, "count_fn(micro_batch) -> number of items")
     if max_grad_norm is not None:
         if (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real)
                 or not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
             raise ValueError(f"max_grad_norm must be a positive finite number or None; got {max_grad_norm!r}")
         max_grad_norm = float(max_grad_norm)
-    amp = _amp_dtype(amp_dtype)
+    amp = check_amp_dtype(amp_dtype)
     if batchnorm is not None and batchnorm not in BATCHNORM_MODES:
         raise ValueError(f"batchnorm must be one of {', '.join(map(repr, BATCHNORM_MODES))} or None; "
                          f"got {batchnorm!r}")
@@ -63,15 +62,20 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
                              f"parameters; keep the parameters in float32 (model.float())")
 
     world_size = _world_size()
+    probe_result = None
     if micro_batch is None:
         if sample is None:
             raise ValueError("pass micro_batch= (the largest micro-batch to run) or sample= (a batch to "
                              "probe memory with) so autoaccum can find the micro-batch")
-        raise NotImplementedError("probing for micro_batch arrives with autoaccum.probe")
+        per_rank = make_plan(target_batch, 1, world_size).per_rank_batch  # checks target/world first
+        probe_result = probe(model, sample, optimizer=optimizer, loss_fn=loss_fn, amp_dtype=amp,
+                             count_fn=count_fn, device=dev, max_micro_batch=per_rank,
+                             memory_budget=memory_budget, cache=probe_cache, world_size=world_size)
+        micro_batch = probe_result.max_micro_batch
     the_plan = make_plan(target_batch, micro_batch, world_size)
     return Trainer(model, optimizer, the_plan, loss_fn=loss_fn, scheduler=scheduler,
                    max_grad_norm=max_grad_norm, amp_dtype=amp, count_fn=count_fn,
-                   batchnorm=batchnorm, device=dev)
+                   batchnorm=batchnorm, device=dev, probe_result=probe_result)
 
 
 def _check_optimizer(optimizer: Any, params: list[torch.Tensor]) -> None:
@@ -98,24 +102,6 @@ def _check_scheduler(scheduler: Any, optimizer: Any) -> None:
     if owner is not optimizer:
         raise ValueError("scheduler was built for a different optimizer than the one passed to fit; "
                          "build it from the same optimizer")
-
-
-def _check_callable(name: str, fn: Callable | None, shape: str) -> None:
-    if fn is not None and not callable(fn):
-        raise TypeError(f"{name} must be callable ({shape}) or None; got {type(fn).__name__}")
-
-
-def _amp_dtype(amp_dtype: Any) -> torch.dtype | None:
-    if amp_dtype is None:
-        return None
-    if isinstance(amp_dtype, str):
-        if amp_dtype.lower() not in _AMP_NAMES:
-            raise ValueError(f"amp_dtype must be torch.float16, torch.bfloat16 or None; got {amp_dtype!r}")
-        return _AMP_NAMES[amp_dtype.lower()]
-    if amp_dtype in (torch.float16, torch.bfloat16):
-        return amp_dtype
-    raise ValueError(f"amp_dtype must be torch.float16 (autocast + GradScaler), torch.bfloat16 "
-                     f"(autocast only) or None (no autocast); got {amp_dtype!r}")
 
 
 def _device(device: Any, params: list[torch.Tensor]) -> torch.device:

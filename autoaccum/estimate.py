@@ -1,0 +1,168 @@
+"""Pre-flight sizing: predict a training step's peak memory without allocating anything.
+
+The step (forward, backward, optimizer step) runs on fake tensors: a copy of the model whose
+parameters are FakeTensors (metadata only, nothing allocated), built from the real model or
+from one built on the meta device. A dispatch-mode tracker counts the live bytes every op
+would hold, and the same search as :func:`autoaccum.probe` runs over these dry runs.
+
+Fake CUDA tensors abort autograd on a CPU-only build of torch, so the dry run uses fake CPU
+tensors and models what differs on a GPU:
+
+* the caching allocator rounds every block up to 512 bytes (modelled);
+* cuBLAS/cuBLASLt keep a workspace in the allocator (``workspace_bytes``, default 32 MiB);
+* the CUDA context and kernels take memory outside torch (``context_bytes``, default 512 MiB,
+  subtracted from ``device_memory``).
+
+What it cannot see: fragmentation of the caching allocator (covered by the same headroom the
+probe keeps), cuDNN convolution workspaces chosen at run time, kernels that differ between
+CPU and CUDA (a fused CUDA attention kernel never materialises the seq x seq scores, while a
+CPU fallback might; autocast casts slightly different op lists on the two devices), and
+forwards that branch on tensor values, which fake tensors cannot run.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import batch as batching
+from .checks import check_amp_dtype, check_callable
+from .loss import LossFn
+from .memory import format_bytes, parse_bytes
+from .plan import check_positive_int
+from .probe import (DEFAULT_MAX_MICRO_BATCH, MemoryModel, Trial, TrialRunner, _TrackerMeter, plot_memory,
+                    sample_factory, search)
+from .tracker import ROUND_CUDA, LiveBytes, storage_bytes
+
+
+@dataclass
+class Estimate:
+    """Predicted memory of a training step on a device of ``device_memory`` bytes."""
+
+    max_micro_batch: int
+    memory_model: MemoryModel | None
+    device_memory_bytes: int
+    usable_bytes: int
+    headroom_bytes: int
+    runs: list[Trial]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def peak_bytes(self, micro_batch: int) -> int:
+        """Predicted peak allocated bytes of one micro-batch step (forward, backward, optimizer)."""
+        check_positive_int("micro_batch", micro_batch)
+        if self.memory_model is None:
+            raise ValueError("no dry run succeeded, so there is no memory model")
+        return int(round(self.memory_model.peak(micro_batch)))
+
+    def to_dict(self) -> dict:
+        return {"max_micro_batch": self.max_micro_batch,
+                "memory_model": asdict(self.memory_model) if self.memory_model else None,
+                "device_memory_bytes": self.device_memory_bytes, "usable_bytes": self.usable_bytes,
+                "headroom_bytes": self.headroom_bytes, "runs": [asdict(r) for r in self.runs],
+                "notes": list(self.notes), "seconds": self.seconds}
+
+    def plot(self, path) -> None:
+        plot_memory(path, self.runs, self.memory_model, self.usable_bytes, self.headroom_bytes,
+                    self.max_micro_batch, title=f"autoaccum estimate for {format_bytes(self.device_memory_bytes)}")
+
+
+def estimate(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | None = None,
+             amp_dtype: torch.dtype | None = None, count_fn=None, device_memory: int | str = "80GiB",
+             max_micro_batch: int | None = None, context_bytes: int | str = "512MiB",
+             workspace_bytes: int | str = "32MiB", headroom: int | str | None = None,
+             max_runs: int = 8) -> Estimate:
+    """Predict the largest micro-batch for a GPU with ``device_memory`` bytes, allocating nothing.
+
+    ``model`` may live anywhere, the meta device included (build big models under
+    ``torch.device("meta")`` to size them on a laptop); ``optimizer`` only lends its class and
+    hyperparameters. ``sample`` is as in :func:`autoaccum.probe` (meta tensors work too).
+    """
+    started = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    amp = check_amp_dtype(amp_dtype)
+    check_callable("loss_fn", loss_fn, "loss_fn(model, micro_batch) -> scalar mean loss")
+    check_callable("count_fn", count_fn, "count_fn(micro_batch) -> number of items")
+    cap = DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch
+    check_positive_int("max_micro_batch", cap)
+    check_positive_int("max_runs", max_runs)
+    total = parse_bytes(device_memory, "device_memory")
+    context = parse_bytes(context_bytes, "context_bytes", allow_zero=True)
+    workspace = parse_bytes(workspace_bytes, "workspace_bytes", allow_zero=True)
+    fixed_headroom = parse_bytes(headroom, "headroom", allow_zero=True) if headroom is not None else None
+    usable = total - context
+    if usable <= 0:
+        raise ValueError(f"device_memory={device_memory!r} leaves nothing after the CUDA context "
+                         f"({format_bytes(context)}); pass a larger device_memory or a smaller context_bytes")
+    make_real, _ = sample_factory(sample)
+
+    from torch._subclasses.fake_tensor import FakeTensorMode  # heavy; only the estimator needs it
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # sample(n) may slice real data
+    fake_model, fake_of = _fake_copy(model, fake_mode)
+    fake_opt = _fake_optimizer(optimizer, fake_of, fake_mode) if optimizer is not None else None
+
+    def make_batch(n: int):
+        fake = batching.map_leaves(make_real(n), lambda t: _fake_like(torch.as_tensor(t), fake_mode))
+        return batching.map_leaves(fake, torch.clone)  # cloned inside the trial, so the tracker counts it
+
+    params_and_buffers = list(fake_model.parameters()) + list(fake_model.buffers())
+    tracker = LiveBytes(baseline=storage_bytes(params_and_buffers, ROUND_CUDA) + workspace, round_to=ROUND_CUDA)
+    runner = TrialRunner(fake_model, fake_opt, make_batch, loss_fn, amp, torch.device("cpu"),
+                         _TrackerMeter(tracker))
+    try:
+        with fake_mode, tracker:
+            best, runs, mem_model, head = search(runner, usable, cap, headroom=fixed_headroom,
+                                                 allocator=True, max_trials=max_runs)
+    except Exception as e:
+        if type(e).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException",
+                                "UnsupportedOperatorException"):
+            raise RuntimeError(f"estimate cannot dry-run this model on fake tensors ({type(e).__name__}: {e}); "
+                               f"its forward depends on tensor values. Use autoaccum.probe on the device") from e
+        raise
+    notes = [f"fake CPU dry runs; modelled CUDA: 512-byte block rounding, {format_bytes(workspace)} cuBLAS "
+             f"workspace, {format_bytes(context)} CUDA context outside the allocator",
+             "not modelled: allocator fragmentation (covered by the headroom), cuDNN workspaces, "
+             "CUDA-only kernels and autocast differences between CPU and CUDA"]
+    if optimizer is None:
+        notes.append("no optimizer: its state and step are not counted")
+    return Estimate(max_micro_batch=best, memory_model=mem_model, device_memory_bytes=total,
+                    usable_bytes=usable, headroom_bytes=head, runs=runs, notes=notes,
+                    seconds=time.perf_counter() - started)
+
+
+def _fake_like(t: torch.Tensor, mode) -> torch.Tensor:
+    """A fake CPU tensor with ``t``'s shape, strides and dtype (``t`` may be real, CUDA or meta)."""
+    with mode:
+        return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
+
+
+def _fake_copy(model: nn.Module, mode) -> tuple[nn.Module, dict[int, torch.Tensor]]:
+    """Deep-copy the module structure, substituting fake tensors for every parameter and buffer."""
+    memo: dict[int, Any] = {}
+    fake_of: dict[int, torch.Tensor] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in memo:
+            continue
+        fake = _fake_like(t, mode)
+        if isinstance(t, nn.Parameter):
+            fake = nn.Parameter(fake, requires_grad=t.requires_grad)
+        memo[id(t)] = fake
+        fake_of[id(t)] = fake
+    return copy.deepcopy(model, memo), fake_of
+
+
+def _fake_optimizer(optimizer, fake_of: dict[int, torch.Tensor], mode):
+    groups = [{**{k: v for k, v in g.items() if k != "params"},
+               "params": [fake_of[id(p)] for p in g["params"] if id(p) in fake_of]} for g in optimizer.param_groups]
+    groups = [g for g in groups if g["params"]]
+    try:
+        with mode:
+            return type(optimizer)(groups)
+    except Exception as e:
+        raise TypeError(f"estimate could not rebuild {type(optimizer).__name__} over fake parameters ({e}); "
+                        f"pass an optimizer whose constructor takes param groups, or optimizer=None") from e
