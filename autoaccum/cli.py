@@ -1,35 +1,203 @@
-"""The ``autoaccum`` command line: ``demo`` (more subcommands arrive with their features)."""
+"""The ``autoaccum`` command line: ``demo``, ``probe`` (pre-flight sizing)."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
+import os
 import sys
+from pathlib import Path
+from typing import Any
+
+
+class CliError(Exception):
+    """A user mistake on the command line: printed as one line, exit status 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # keep stdout in order with the stderr progress line
+    try:
+        return args.run(args)
+    except CliError as e:
+        print(f"autoaccum {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoaccum", description="Exact large-batch training on the GPU you have.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train a small GPT with an effective batch of 256 and check exactness")
     demo.add_argument("--steps", type=_positive, default=30, help="optimizer steps (default 30)")
     demo.add_argument("--target-batch", type=_positive, default=256, help="effective batch (default 256)")
-    demo.add_argument("--micro-batch", type=_positive, default=48, help="largest micro-batch (default 48)")
+    demo.add_argument("--micro-batch", type=_positive, default=None,
+                      help="largest micro-batch (default: probe for it)")
+    demo.add_argument("--memory-budget", default="64MiB",
+                      help="memory the probe may use (default 64MiB, so that even a big GPU accumulates; "
+                           "'none' for the whole device)")
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(run=_run_demo)
 
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from . import demo as demo_module
-        summary = demo_module.run(steps=args.steps, target_batch=args.target_batch,
-                                  micro_batch=args.micro_batch, device=args.device, seed=args.seed,
-                                  progress=not args.no_progress)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(summary, f, indent=2)
-        return 0 if summary["exactness_max_abs_diff"] <= 1e-12 else 1
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    probe = sub.add_parser("probe", help="find the largest micro-batch for a model (or estimate it for a GPU)")
+    probe.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                       help="a function returning the nn.Module (MODULE is a dotted module or a .py file)")
+    probe.add_argument("--sample", required=True, metavar="MODULE:FN",
+                       help="FN(n) returns a batch of n samples; make it the worst case (longest sequences)")
+    probe.add_argument("--loss", metavar="MODULE:FN", help="loss_fn(model, micro_batch) -> mean loss "
+                       "(default: the model's own output.loss)")
+    probe.add_argument("--target-batch", type=_positive, required=True, help="effective batch of one step")
+    probe.add_argument("--world-size", type=_positive, default=1, help="data-parallel ranks (default 1)")
+    probe.add_argument("--optimizer", default="adamw", choices=sorted(_OPTIMIZERS),
+                       help="optimizer whose state is counted (default adamw)")
+    probe.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast dtype")
+    probe.add_argument("--device", default=None, help="where to probe (default: cuda if present, else cpu)")
+    probe.add_argument("--memory-budget", default=None, help="cap on usable memory, e.g. 20GiB")
+    probe.add_argument("--max-trials", type=_positive, default=6, help="bound on real trials (default 6)")
+    probe.add_argument("--no-cache", action="store_true", help="neither read nor write the probe cache")
+    probe.add_argument("--json", metavar="PATH", help="write the full result as JSON")
+    probe.add_argument("--plot", metavar="PATH", help="write a PNG of peak memory against micro-batch")
+    probe.add_argument("--estimate", action="store_true",
+                       help="allocate nothing: dry-run on fake tensors for a GPU of --device-memory")
+    probe.add_argument("--device-memory", default="80GiB", help="GPU memory for --estimate (default 80GiB)")
+    probe.set_defaults(run=_run_probe)
+    return parser
+
+
+# ---------------------------------------------------------------- demo
+def _run_demo(args) -> int:
+    from . import demo as demo_module
+    budget = None if str(args.memory_budget).lower() == "none" else args.memory_budget
+    summary = _user_errors(lambda: demo_module.run(
+        steps=args.steps, target_batch=args.target_batch, micro_batch=args.micro_batch,
+        memory_budget=budget, device=args.device, seed=args.seed, progress=not args.no_progress))
+    if args.json:
+        _write_json(args.json, summary)
+    return 0 if summary["exactness_max_abs_diff"] <= 1e-12 else 1
+
+
+# ---------------------------------------------------------------- probe
+_OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum", "none")
+
+
+def _make_optimizer(name: str, params):
+    """The optimizer whose state the probe counts (learning rates do not change memory)."""
+    import torch
+    return {"adamw": lambda: torch.optim.AdamW(params), "adam": lambda: torch.optim.Adam(params),
+            "sgd": lambda: torch.optim.SGD(params, lr=1e-2),
+            "sgd-momentum": lambda: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+            "none": lambda: None}[name]()
+
+
+def _run_probe(args) -> int:
+    import torch
+    from torch import nn
+
+    from .estimate import estimate
+    from .memory import format_bytes
+    from .plan import plan as make_plan
+    from .probe import probe, trial_table
+
+    factory = _load(args.model, "--model")
+    sample = _load(args.sample, "--sample")
+    loss_fn = _load(args.loss, "--loss") if args.loss else None
+    if not callable(sample):
+        raise CliError(f"--sample {args.sample} is not a function; it must be FN(n) -> a batch of n samples")
+    if args.target_batch % args.world_size:
+        raise CliError(f"--target-batch {args.target_batch} is not divisible by --world-size {args.world_size}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = _user_errors(lambda: factory() if callable(factory) else factory, "--model factory failed")
+    if not isinstance(model, nn.Module):
+        raise CliError(f"--model {args.model} returned {type(model).__name__}, not a torch.nn.Module")
+    if not args.estimate:
+        model = _user_errors(lambda: model.to(device), f"cannot move the model to {device}")
+    opt = _make_optimizer(args.optimizer, model.parameters())
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp]
+    per_rank = args.target_batch // args.world_size
+
+    if args.estimate:
+        result = _user_errors(lambda: estimate(model, sample, optimizer=opt, loss_fn=loss_fn, amp_dtype=amp,
+                                               device_memory=args.device_memory, max_micro_batch=per_rank,
+                                               max_runs=max(args.max_trials, 2)),
+                              "the dry run failed")
+        trials, usable, title = result.runs, result.usable_bytes, f"estimate for a {args.device_memory} GPU"
+    else:
+        result = _user_errors(lambda: probe(model, sample, optimizer=opt, loss_fn=loss_fn, amp_dtype=amp,
+                                            device=device, max_micro_batch=per_rank,
+                                            memory_budget=args.memory_budget, max_trials=args.max_trials,
+                                            cache=not args.no_cache, world_size=args.world_size),
+                              "the probe failed")
+        trials, usable, title = result.trials, result.limit_bytes, f"probe on {result.device['name']}"
+        if result.from_cache:
+            title += " (from cache; --no-cache to measure again)"
+    plan = make_plan(args.target_batch, result.max_micro_batch, args.world_size)
+    mm = result.memory_model
+    print(f"autoaccum {title}")
+    print(f"limit {format_bytes(usable)}, headroom {format_bytes(result.headroom_bytes)}")
+    print(trial_table(trials))
+    if mm is not None:
+        print(f"memory model: {format_bytes(mm.fixed_bytes)} + {format_bytes(mm.per_sample_bytes)} x micro-batch"
+              f" (optimizer step peak {format_bytes(mm.step_bytes)})")
+    print(f"max micro-batch: {result.max_micro_batch}")
+    print(f"plan: {plan}")
+    for note in result.notes:
+        print(f"note: {note}")
+    if args.json:
+        _write_json(args.json, result.to_dict() | {"plan": plan.to_dict()})
+    if args.plot:
+        _user_errors(lambda: result.plot(args.plot), "cannot draw the plot")
+    return 0
+
+
+def _load(spec: str, flag: str) -> Any:
+    """``module.path:name`` or ``path/to/file.py:name`` -> the object."""
+    if ":" not in spec:
+        raise CliError(f"{flag} {spec!r} must be MODULE:NAME (e.g. mymodels:build or ./models.py:build)")
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py") or os.sep in module_name:
+            path = Path(module_name)
+            if not path.exists():
+                raise CliError(f"{flag}: no such file {module_name}")
+            spec_ = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except CliError:
+        raise
+    except Exception as e:
+        raise CliError(f"{flag}: cannot import {module_name!r}: {type(e).__name__}: {e}") from None
+    if not hasattr(module, attr):
+        raise CliError(f"{flag}: module {module_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def _user_errors(fn, what: str = "failed"):
+    """Run ``fn``; turn the user's errors (bad model, sample mismatch) into one line."""
+    try:
+        return fn()
+    except CliError:
+        raise
+    except (ValueError, TypeError, RuntimeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CliError(f"{what}: {type(e).__name__}: {first}") from None
+
+
+def _write_json(path: str, data: dict) -> None:
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e}") from None
 
 
 def _positive(text: str) -> int:

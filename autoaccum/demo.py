@@ -136,9 +136,14 @@ def exactness_check(model: nn.Module, batch: dict, target_batch: int, micro_batc
     return {"autoaccum": max_diff(exact), "naive": max_diff(naive), "micro_batches": sizes}
 
 
-def run(steps: int = 30, target_batch: int = 256, micro_batch: int | None = 48,
-        device: str | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Train the demo model and print a summary; returns the numbers it printed."""
+def run(steps: int = 30, target_batch: int = 256, micro_batch: int | None = None,
+        memory_budget: str | int | None = "64MiB", device: str | None = None, seed: int = 0,
+        progress: bool = True) -> dict:
+    """Train the demo model and print a summary; returns the numbers it printed.
+
+    Without ``micro_batch`` the largest micro-batch is probed under ``memory_budget`` (64 MiB by
+    default, so that even a large GPU shows accumulation; ``None`` means the whole device).
+    """
     from .fit import fit
 
     torch.manual_seed(seed)
@@ -148,10 +153,17 @@ def run(steps: int = 30, target_batch: int = 256, micro_batch: int | None = 48,
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    trainer = fit(model, target_batch, opt, loss_fn=lm_loss, count_fn=count_tokens,
-                  micro_batch=micro_batch, scheduler=sched, max_grad_norm=1.0, device=dev)
     print(f"autoaccum demo on {dev}: TinyGPT ({sum(p.numel() for p in model.parameters()):,} parameters), "
           f"synthetic padded sentences")
+    trainer = fit(model, target_batch, opt, loss_fn=lm_loss, count_fn=count_tokens, micro_batch=micro_batch,
+                  scheduler=sched, max_grad_norm=1.0, device=dev, sample=make_batch(16, seed=seed),
+                  memory_budget=memory_budget, probe_cache=False)
+    probed = trainer.probe_result
+    if probed is not None:
+        from .memory import format_bytes
+        print(f"probe: {len(probed.trials)} trials under {format_bytes(probed.limit_bytes)} -> largest "
+              f"micro-batch {probed.max_micro_batch} ({probed.seconds:.2f} s)")
+        print(probed.table())
     print(f"plan: {trainer.plan}")
 
     loader = [make_batch(target_batch, seed=seed * 100_000 + i) for i in range(steps)]
@@ -161,10 +173,12 @@ def run(steps: int = 30, target_batch: int = 256, micro_batch: int | None = 48,
     samples_per_s = sum(s.samples for s in history) / elapsed
     tokens = sum(s.items for s in history)
 
-    check = exactness_check(model, make_batch(target_batch, seed=10_000_000 + seed),
-                            target_batch, trainer.plan.micro_batch)
+    # With a single micro-batch the check would be trivial; then show an uneven split instead.
+    check_micro = trainer.plan.micro_batch if trainer.plan.accum_steps > 1 else max(1, target_batch // 5)
+    check = exactness_check(model, make_batch(target_batch, seed=10_000_000 + seed), target_batch, check_micro)
     summary = {
         "device": str(dev), "plan": trainer.plan.to_dict(), "steps": len(history),
+        "probe": probed.to_dict() if probed is not None else None,
         "loss_start": history[0].loss, "loss_end": history[-1].loss,
         "samples_per_s": samples_per_s, "tokens_per_s": tokens / elapsed,
         "skipped_steps": trainer.skipped_steps,

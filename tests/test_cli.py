@@ -1,4 +1,6 @@
 import json
+
+import pytest
 import subprocess
 import sys
 
@@ -31,3 +33,83 @@ def test_import_needs_neither_triton_nor_pynvml():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "6"
+
+
+MODELS = '''
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x, y):
+        return {"loss": F.cross_entropy(self.body(x), y)}
+
+def build():
+    return Net()
+
+def sample(n):
+    return {"x": torch.randn(n, 128), "y": torch.randint(0, 10, (n,))}
+
+def wrong_sample(n):
+    return {"x": torch.randn(n, 64), "y": torch.randint(0, 10, (n,))}
+
+def not_a_model():
+    return 3
+'''
+
+
+def probe_cli(tmp_path, monkeypatch, capsys, *args):
+    """Run ``autoaccum probe`` in-process from ``tmp_path``, where mymodels.py lives."""
+    (tmp_path / "mymodels.py").write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "mymodels", raising=False)
+    code = cli.main(["probe", *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_probe_command_prints_trials_model_and_plan(tmp_path, monkeypatch, capsys):
+    r = probe_cli(tmp_path, monkeypatch, capsys, "--model", "mymodels:build", "--sample", "mymodels:sample",
+                  "--target-batch", "4096",
+                  "--memory-budget", "8MiB", "--json", "out.json", "--plot", "mem.png")
+    assert r.returncode == 0, r.stderr
+    assert "micro-batch" in r.stdout and "memory model:" in r.stdout and "max micro-batch:" in r.stdout
+    assert "plan: target 4096 = 2 micro-batches" in r.stdout
+    d = json.loads((tmp_path / "out.json").read_text())
+    assert d["plan"]["accum_steps"] == 2 and d["max_micro_batch"] >= 2048 and d["trials"]
+    assert (tmp_path / "mem.png").read_bytes()[:4] == b"\x89PNG"
+    again = probe_cli(tmp_path, monkeypatch, capsys, "--model", "mymodels:build", "--sample", "mymodels:sample", "--target-batch",
+                      "4096", "--memory-budget", "8MiB")
+    assert "from cache" in again.stdout
+
+
+def test_probe_command_estimates_without_allocating(tmp_path, monkeypatch, capsys):
+    r = probe_cli(tmp_path, monkeypatch, capsys, "--model", "./mymodels.py:build", "--sample", "./mymodels.py:sample",
+                  "--target-batch", "256", "--estimate", "--device-memory", "80GiB")
+    assert r.returncode == 0, r.stderr
+    assert "estimate for a 80GiB GPU" in r.stdout and "plan: target 256 = 1 micro-batch [256]" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nomod:build", "--sample", "mymodels:sample"], "cannot import 'nomod'"),
+    (["--model", "mymodels:nothing", "--sample", "mymodels:sample"], "has no attribute 'nothing'"),
+    (["--model", "mymodels", "--sample", "mymodels:sample"], "must be MODULE:NAME"),
+    (["--model", "mymodels:not_a_model", "--sample", "mymodels:sample"], "not a torch.nn.Module"),
+    (["--model", "mymodels:build", "--sample", "mymodels:wrong_sample"], "shapes cannot be multiplied"),
+    (["--model", "./missing.py:build", "--sample", "mymodels:sample"], "no such file"),
+])
+def test_probe_command_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
+    r = probe_cli(tmp_path, monkeypatch, capsys, *args, "--target-batch", "64", "--memory-budget", "8MiB")
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_demo_probes_by_default(capsys):
+    assert cli.main(["demo", "--steps", "2", "--target-batch", "64", "--memory-budget", "8MiB", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "probe: " in out and "trials under 8.00 MiB" in out and "[OK]" in out
