@@ -3,6 +3,7 @@
 ``fit`` finds the largest micro-batch that fits, derives the accumulation steps, and runs each
 optimizer step so that the update equals the update of one full batch.
 """
+from . import kernels
 from .estimate import Estimate, estimate
 from .fit import fit
 from .memory import NotEnoughMemoryError
@@ -10,6 +11,6 @@ from .plan import Plan, plan
 from .probe import MemoryModel, ProbeResult, Trial, probe
 from .trainer import StepStats, Trainer
 
-__all__ = ["fit", "plan", "probe", "estimate", "Estimate", "Plan", "Trainer", "StepStats", "ProbeResult", "Trial", "MemoryModel",
+__all__ = ["fit", "plan", "probe", "estimate", "kernels", "Estimate", "Plan", "Trainer", "StepStats", "ProbeResult", "Trial", "MemoryModel",
            "NotEnoughMemoryError"]
 __version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""The torch definitions of what every kernel must compute; also the path on CPUs and other devices.
+
+``accumulate_``: ``acc = weight * float(g)`` (assign) or ``acc += weight * float(g)``, per pair,
+  ``None`` gradients skipped.
+``finalize_``: the 2-norm of the unscaled gradients ``inv_scale * g`` (inf when any element is
+  inf/nan) and whether any element is inf/nan; then, unless something is non-finite, ``g *= inv_scale * min(1, max_norm / (norm + 1e-6))``
+  (the clip coefficient of ``torch.nn.utils.clip_grad_norm_``).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+CLIP_EPS = 1e-6  # clip_grad_norm_'s epsilon
+
+
+def accumulate_(accs: list[torch.Tensor], grads: list[torch.Tensor], weight: float, assign: bool) -> None:
+    groups: dict = defaultdict(lambda: ([], []))
+    for a, g in zip(accs, grads):
+        a_list, g_list = groups[(a.device, a.dtype, g.dtype)]
+        a_list.append(a)
+        g_list.append(g if g.shape == a.shape else g.reshape(a.shape))
+    for (_, acc_dtype, grad_dtype), (a_list, g_list) in groups.items():
+        if assign:
+            torch._foreach_copy_(a_list, g_list)      # exact widening cast, then one rounding in mul
+            torch._foreach_mul_(a_list, weight)
+        elif acc_dtype == grad_dtype:
+            torch._foreach_add_(a_list, g_list, alpha=weight)
+        else:
+            for a, g in zip(a_list, g_list):
+                a.add_(g.to(acc_dtype), alpha=weight)
+
+
+def norm_and_flag(grads: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2-norm of ``inv_scale * g`` as float64, found_inf as float32 0/1), both 0-dim, no host sync."""
+    device = grads[0].device
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:  # float64 accumulation: no overflow from fp32 values, no underflow of tiny ones
+        sq = sq + torch.linalg.vector_norm(g, dtype=torch.float64).square()
+    norm = sq.sqrt() * _as_tensor(inv_scale, device, torch.float64)
+    found_inf = (~torch.isfinite(norm)).to(torch.float32)
+    return torch.where(found_inf > 0, float("inf"), norm), found_inf
+
+
+def clip_scale(norm: torch.Tensor, inv_scale, max_norm: float | None) -> torch.Tensor:
+    """The factor applied to the (scaled) gradients: ``inv_scale * clip_coef`` (float64)."""
+    scale = _as_tensor(inv_scale, norm.device, torch.float64)
+    if max_norm is not None:
+        scale = scale * torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0)
+    return scale
+
+
+def finalize_(grads: list[torch.Tensor], inv_scale, max_norm: float | None, apply: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    norm, found_inf = norm_and_flag(grads, inv_scale)
+    if apply:
+        scale = torch.where(found_inf > 0, 1.0, clip_scale(norm, inv_scale, max_norm))
+        by_dtype: dict = defaultdict(list)
+        for g in grads:
+            by_dtype[(g.device, g.dtype)].append(g)
+        for (device, dtype), gs in by_dtype.items():
+            torch._foreach_mul_(gs, scale.to(device=device, dtype=dtype))
+    return norm.to(torch.float32), found_inf
+
+
+def _as_tensor(x, device, dtype) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype).reshape(())
+    return torch.tensor(float(x), device=device, dtype=dtype)

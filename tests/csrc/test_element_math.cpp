@@ -1,0 +1,84 @@
+// Host test of csrc/element_math.cuh: the arithmetic the CUDA kernels run, compiled by g++.
+// Prints "N passed, M failed" and exits non-zero on any failure.
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "../../csrc/element_math.cuh"
+
+using namespace autoaccum;
+
+static int passed = 0, failed = 0;
+
+static void check(bool ok, const char* what) {
+  if (ok) {
+    ++passed;
+  } else {
+    ++failed;
+    std::printf("FAILED: %s\n", what);
+  }
+}
+
+static double norm_of(const std::vector<float>& xs, int* bad, int split = 1) {
+  // Split into `split` parts, merge them: the result must not depend on the split.
+  std::vector<NormState> parts(split, norm_empty());
+  for (size_t i = 0; i < xs.size(); ++i) norm_update(parts[i % split], xs[i]);
+  NormState total = norm_empty();
+  for (const NormState& p : parts) total = norm_merge(total, p);
+  *bad = total.bad;
+  return std::sqrt(norm_square(total.max, total.ssq));
+}
+
+static double exact_norm(const std::vector<float>& xs) {
+  long double s = 0;
+  for (float x : xs) s += static_cast<long double>(x) * x;
+  return static_cast<double>(std::sqrt(s));
+}
+
+int main() {
+  check(accumulate_element(1.5f, 2.0f, 0.25f, false) == 2.0f, "accumulate adds w * g");
+  check(accumulate_element(123.0f, 2.0f, 0.25f, true) == 0.5f, "assign ignores the old value");
+
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (float magnitude : {1e-30f, 1e-3f, 1.0f, 1e3f, 1e30f}) {
+    std::vector<float> xs(100003);
+    for (float& x : xs) x = normal(rng) * magnitude;
+    int bad = 0;
+    const double exact = exact_norm(xs);
+    for (int split : {1, 7, 512}) {
+      const double got = norm_of(xs, &bad, split);
+      char what[128];
+      std::snprintf(what, sizeof what, "norm at magnitude %g, split %d: %.9g vs %.9g", magnitude, split, got, exact);
+      // one sequential float32 sum of 1e5 terms drifts more than the kernels' per-thread sums do
+      const double tol = split == 1 ? 1e-4 : 1e-5;
+      check(std::fabs(got - exact) <= tol * exact && bad == 0, what);
+    }
+  }
+  {  // a plain float32 sum of squares overflows here; the rescaled one does not
+    std::vector<float> xs(1000, 3e30f);
+    int bad = 0;
+    const double got = norm_of(xs, &bad);
+    check(std::isfinite(got) && std::fabs(got - 3e30 * std::sqrt(1000.0)) <= 1e-5 * got && bad == 0, "no overflow");
+  }
+  for (float poison : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                       std::numeric_limits<float>::quiet_NaN()}) {
+    std::vector<float> xs = {1.0f, 2.0f, poison, 3.0f};
+    int bad = 0;
+    const double got = norm_of(xs, &bad, 2);
+    check(bad == 1, "inf/nan raises the flag");
+    check(std::fabs(got - std::sqrt(14.0)) < 1e-6, "inf/nan stay out of the sum");
+  }
+  {
+    int bad = 0;
+    check(norm_of(std::vector<float>(10, 0.0f), &bad) == 0.0 && bad == 0, "zeros have norm 0");
+  }
+  check(clip_scale(10.0, 0.5, -1.0, 1e-6) == 0.5, "no clipping: only the unscale");
+  check(std::fabs(clip_scale(10.0, 0.5, 1.0, 1e-6) - 0.5 * 1.0 / (10.0 + 1e-6)) < 1e-15, "clip coefficient");
+  check(clip_scale(0.5, 0.25, 1.0, 1e-6) == 0.25, "coefficient clamped at 1");
+
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,55 @@
+"""csrc/ must compile without a GPU: nvcc for sm_90 and sm_80, the binding against torch's headers,
+and the shared element math as a host program that runs."""
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+NVCC = shutil.which("nvcc")
+GXX = shutil.which("g++")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("source", ["accumulate_kernel.cu", "finalize_kernel.cu"])
+def test_cuda_sources_compile(tmp_path, arch, source):
+    r = subprocess.run([NVCC, "-c", "-O3", "-std=c++17", f"-arch={arch}", "-Werror", "all-warnings",
+                        str(CSRC / source), "-o", str(tmp_path / "out.o")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+@pytest.mark.skipif(GXX is None, reason="g++ is not installed")
+def test_binding_compiles_against_torch_headers_without_cuda_headers():
+    include = Path(torch.__file__).parent / "include"
+    r = subprocess.run([GXX, "-std=c++20", "-fsyntax-only", "-Wall", f"-I{include}",
+                        f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{sysconfig.get_paths()['include']}",
+                        "-DTORCH_EXTENSION_NAME=_C", str(CSRC / "bindings.cpp")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "cuda" not in (CSRC / "bindings.cpp").read_text().split("#include <torch/extension.h>")[1].split("namespace")[0]
+
+
+@pytest.mark.skipif(GXX is None, reason="g++ is not installed")
+def test_element_math_runs_on_the_host(tmp_path):
+    exe = tmp_path / "element_math"
+    r = subprocess.run([GXX, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror",
+                        str(ROOT / "tests" / "csrc" / "test_element_math.cpp"), "-o", str(exe)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0 and " 0 failed" in run.stdout, run.stdout
+
+
+def test_setup_py_skips_the_extension_without_cuda(tmp_path):
+    """On a CPU build of torch setup.py must say, in one line, that it installs pure Python."""
+    code = "import runpy, sys; sys.argv=['setup.py', '--name']; runpy.run_path('setup.py', run_name='__main__')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    if torch.version.cuda is None:
+        notices = [line for line in r.stderr.splitlines() if line.startswith("autoaccum:")]
+        assert len(notices) == 1 and "pure Python" in notices[0], r.stderr

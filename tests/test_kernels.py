@@ -1,0 +1,225 @@
+"""Kernels against float64 references: Triton under TRITON_INTERPRET=1 on the CPU, and the torch path.
+
+Random inputs (never zeros), every gradient dtype, odd sizes, many tensors, None gradients,
+non-contiguous gradients, inf/nan, huge and tiny values, chunking independence, poisoned outputs.
+"""
+import math
+
+import pytest
+import torch
+
+from autoaccum import kernels
+from autoaccum.kernels import accumulate as tri_acc
+from autoaccum.kernels import finalize as tri_fin
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+TOL = {torch.bfloat16: 1e-6, torch.float16: 1e-6, torch.float32: 1e-6}   # fp32 arithmetic on exact inputs
+
+
+def randn(n, dtype, gen, scale=1.0):
+    return (torch.randn(n, generator=gen, dtype=torch.float64) * scale + 0.1).to(dtype)
+
+
+def sizes_many(gen, count=300):
+    return [int(s) for s in torch.randint(1, 5000, (count,), generator=gen)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("assign", [True, False])
+@pytest.mark.parametrize("sizes", [[1], [127], [(1 << 20) + 3], "many"], ids=["1", "127", "2^20+3", "many"])
+def test_accumulate_matches_float64(backend, dtype, assign, sizes):
+    gen = torch.Generator().manual_seed(hash((str(dtype), assign, str(sizes))) % 1000)
+    sizes = sizes_many(gen) if sizes == "many" else sizes
+    grads = [randn(n, dtype, gen) for n in sizes]
+    if assign:
+        accs = [torch.full((n,), float("nan")) for n in sizes]     # poison: every element must be written
+        start = [torch.zeros(n, dtype=torch.float64) for n in sizes]
+    else:
+        accs = [randn(n, torch.float32, gen) for n in sizes]
+        start = [a.double() for a in accs]
+    w = 0.3717
+    kernels.accumulate_(accs, grads, w, assign=assign, backend=backend)
+    for a, s, g in zip(accs, start, grads):
+        expected = s + w * g.double()
+        assert not torch.isnan(a).any(), "an element was not written"
+        err = (a.double() - expected).abs().max().item()
+        assert err <= TOL[dtype] * (expected.abs().max().item() + 1), err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accumulate_skips_none_and_handles_non_contiguous(backend):
+    gen = torch.Generator().manual_seed(3)
+    grads = [randn(12 * 7, torch.bfloat16, gen).view(12, 7).t(), None, randn(33, torch.float16, gen)]
+    accs = [torch.randn(7, 12, generator=gen), torch.randn(5, generator=gen), torch.randn(33, generator=gen)]
+    before = [a.clone() for a in accs]
+    kernels.accumulate_(accs, grads, 2.0, backend=backend)
+    assert torch.equal(accs[1], before[1]), "a None gradient leaves its accumulator alone"
+    assert torch.allclose(accs[0].double(), before[0].double() + 2 * grads[0].double(), atol=1e-6)
+    assert torch.allclose(accs[2].double(), before[2].double() + 2 * grads[2].double(), atol=1e-6)
+
+
+def test_accumulate_results_do_not_depend_on_chunking(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    sizes = sizes_many(gen, 40) + [70001]
+    grads = [randn(n, torch.bfloat16, gen) for n in sizes]
+    outs = []
+    for block, iters in [(1024, 8), (256, 3), (128, 1)]:
+        monkeypatch.setattr(tri_acc, "BLOCK", block)
+        monkeypatch.setattr(tri_acc, "ITERS", iters)
+        monkeypatch.setattr(tri_acc, "CHUNK", block * iters)
+        accs = [torch.full((n,), 0.5) for n in sizes]
+        kernels.accumulate_(accs, grads, 0.7, backend="triton")
+        outs.append(accs)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+def reference_finalize(grads, inv_scale, max_norm):
+    flat = torch.cat([g.double().flatten() for g in grads])
+    finite = bool(torch.isfinite(flat).all())
+    norm = flat.norm().item() * inv_scale if finite else math.inf
+    scale = inv_scale * (min(1.0, max_norm / (norm + 1e-6)) if max_norm is not None else 1.0)
+    return norm, finite, scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], [torch.float16],
+                                    [torch.float32, torch.bfloat16, torch.float16]], ids=["f32", "bf16", "f16", "mixed"])
+@pytest.mark.parametrize("max_norm", [None, 0.5, 1e9])
+def test_finalize_norm_and_scale(backend, dtypes, max_norm):
+    gen = torch.Generator().manual_seed(len(dtypes) * 10 + (0 if max_norm is None else int(math.log10(max_norm) + 5)))
+    sizes = [1, 127, 4099, (1 << 16) + 3] + sizes_many(gen, 30)
+    grads = [randn(n, dtypes[i % len(dtypes)], gen, scale=3.0) for i, n in enumerate(sizes)]
+    before = [g.clone() for g in grads]
+    inv_scale = 1 / 1024
+    norm, found = kernels.finalize_(grads, inv_scale, max_norm, backend=backend)
+    ref_norm, finite, scale = reference_finalize(before, inv_scale, max_norm)
+    assert found.item() == 0.0 and finite
+    assert abs(norm.item() - ref_norm) <= 2e-6 * ref_norm
+    for g, b in zip(grads, before):
+        expected = b.double() * scale
+        tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[b.dtype]
+        atol = 6e-8 if b.dtype == torch.float16 else 1e-30   # float16 results below 6e-5 are subnormal
+        assert torch.allclose(g.double(), expected, rtol=tol, atol=atol), b.dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("where", [0, 2])
+def test_finalize_finds_inf_and_nan_and_writes_nothing(backend, poison, where):
+    gen = torch.Generator().manual_seed(5)
+    grads = [randn(100, torch.float32, gen), randn(5000, torch.bfloat16, gen), randn(77, torch.float16, gen)]
+    grads[where][where * 13 + 1] = poison
+    before = [g.clone() for g in grads]
+    norm, found = kernels.finalize_(grads, 0.5, 1.0, backend=backend)
+    assert found.item() == 1.0 and math.isinf(norm.item())
+    for g, b in zip(grads, before):
+        assert torch.equal(g.view(torch.uint8), b.view(torch.uint8)), "gradients must be untouched on inf/nan"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finalize_without_scaling_writes_nothing(backend):
+    gen = torch.Generator().manual_seed(6)
+    grads = [randn(1000, torch.float32, gen) for _ in range(3)]
+    before = [g.clone() for g in grads]
+    norm, found = kernels.finalize_(grads, 1.0, None, backend=backend)
+    assert all(torch.equal(g, b) for g, b in zip(grads, before))
+    assert abs(norm.item() - torch.cat(before).double().norm().item()) <= 1e-6 * norm.item()
+    norm2, _ = kernels.finalize_(grads, 1.0, 1e-3, apply=False, backend=backend)
+    assert all(torch.equal(g, b) for g, b in zip(grads, before)), "apply=False only measures"
+    assert norm2.item() == norm.item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("magnitude", [1e-30, 1e30])
+def test_finalize_norm_survives_huge_and_tiny_values(backend, magnitude):
+    gen = torch.Generator().manual_seed(7)
+    grads = [randn(3000, torch.float32, gen, scale=magnitude), randn(10, torch.float32, gen, scale=magnitude)]
+    exact = torch.cat([g.double() for g in grads]).norm().item()
+    norm, found = kernels.finalize_(grads, 1.0, None, backend=backend)
+    assert found.item() == 0.0
+    assert abs(norm.item() - exact) <= 2e-6 * exact, (norm.item(), exact)
+
+
+def test_finalize_is_deterministic_and_chunking_independent(monkeypatch):
+    gen = torch.Generator().manual_seed(8)
+    grads = [randn(n, torch.float32, gen) for n in sizes_many(gen, 50)]
+    first = kernels.finalize_([g.clone() for g in grads], 1.0, None, backend="triton")[0].item()
+    again = kernels.finalize_([g.clone() for g in grads], 1.0, None, backend="triton")[0].item()
+    assert first == again, "same input, same bits"
+    monkeypatch.setattr(tri_fin, "BLOCK", 128)
+    monkeypatch.setattr(tri_fin, "ITERS", 2)
+    monkeypatch.setattr(tri_fin, "CHUNK", 256)
+    other = kernels.finalize_([g.clone() for g in grads], 1.0, None, backend="triton")[0].item()
+    assert abs(other - first) <= 1e-6 * first
+
+
+def test_finalize_accepts_a_tensor_inv_scale_and_empty_lists():
+    g = [torch.randn(10) + 1]
+    norm, _ = kernels.finalize_(g, torch.tensor(0.25), None)
+    assert norm.item() > 0
+    norm, found = kernels.finalize_([None], 1.0)
+    assert norm.item() == 0 and found.item() == 0
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda a, g: kernels.accumulate_(a, g[:1], 1.0), ValueError, "pair up"),
+    (lambda a, g: kernels.accumulate_([a[0].half(), a[1]], g, 1.0), TypeError, "accs\\[0\\] is torch.float16"),
+    (lambda a, g: kernels.accumulate_(a, [g[0].long(), g[1]], 1.0), TypeError, "grads\\[0\\] is torch.int64"),
+    (lambda a, g: kernels.accumulate_(a, [g[0].double(), g[1]], 1.0), TypeError, "would round it"),
+    (lambda a, g: kernels.accumulate_(a, [g[0][:5], g[1]], 1.0), ValueError, "shape"),
+    (lambda a, g: kernels.accumulate_([torch.zeros(10, 2).t()[0], a[1]], g, 1.0), ValueError, "not contiguous"),
+    (lambda a, g: kernels.accumulate_([a[1], a[1]], [g[1], g[1]], 1.0), ValueError, "overlap"),
+    (lambda a, g: kernels.accumulate_(a, g, float("nan")), ValueError, "weight"),
+    (lambda a, g: kernels.accumulate_(a, g, 1.0, backend="fpga"), ValueError, "backend"),
+    (lambda a, g: kernels.accumulate_("a", g, 1.0), TypeError, "lists"),
+    (lambda a, g: kernels.finalize_(g, 0.0), ValueError, "inv_scale"),
+    (lambda a, g: kernels.finalize_(g, 1.0, max_norm=-1), ValueError, "max_norm"),
+    (lambda a, g: kernels.finalize_([g[0], "x"]), TypeError, "grads\\[1\\]"),
+])
+def test_bad_input_is_rejected_before_anything_is_written(call, exc, match):
+    accs = [torch.randn(10), torch.randn(20)]
+    grads = [torch.randn(10), torch.randn(20)]
+    before = [a.clone() for a in accs] + [g.clone() for g in grads]
+    with pytest.raises(exc, match=match):
+        call(accs, grads)
+    assert all(torch.equal(x, y) for x, y in zip(accs + grads, before))
+
+
+def test_dispatch_prefers_torch_on_the_cpu_and_obeys_the_environment(monkeypatch):
+    cpu = [torch.zeros(3)]
+    assert kernels.backend_for(cpu) == "torch"
+    monkeypatch.setenv("AUTOACCUM_BACKEND", "triton")
+    assert kernels.backend_for(cpu) == "triton"
+    assert kernels.backend_for(cpu, fast_ok=False) == "torch", "float64 always takes the torch path"
+    monkeypatch.setenv("AUTOACCUM_BACKEND", "cuda")
+    if not kernels.cuda_ext.available():
+        with pytest.raises(RuntimeError, match="CUDA extension is unavailable"):
+            kernels.backend_for(cpu)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_kernels_match_the_reference(backend):
+    from autoaccum.kernels import cuda_ext
+    if backend == "cuda" and cuda_ext.load(jit=True) is None:
+        pytest.fail(f"the CUDA extension did not build: {cuda_ext.reason()}")
+    gen = torch.Generator().manual_seed(9)
+    sizes = [1, 127, (1 << 20) + 3] + sizes_many(gen, 500)
+    for dtype in DTYPES:
+        grads = [randn(n, dtype, gen).cuda() for n in sizes]
+        for assign in (True, False):
+            accs = [torch.full((n,), float("nan") if assign else 0.25, device="cuda") for n in sizes]
+            ref = [torch.full((n,), 0.0 if assign else 0.25, dtype=torch.float64) for n in sizes]
+            kernels.accumulate_(accs, grads, 0.37, assign=assign, backend=backend)
+            for a, r, g in zip(accs, ref, grads):
+                assert torch.allclose(a.cpu().double(), r + 0.37 * g.cpu().double(), rtol=1e-6, atol=1e-6)
+        before = [g.clone() for g in grads]
+        norm, found = kernels.finalize_(grads, 1 / 8, 0.5, backend=backend)
+        ref_norm, _, scale = reference_finalize([b.cpu() for b in before], 1 / 8, 0.5)
+        assert found.item() == 0 and abs(norm.item() - ref_norm) <= 2e-6 * ref_norm
+        tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+        for g, b in zip(grads, before):
+            assert torch.allclose(g.cpu().double(), b.cpu().double() * scale, rtol=tol, atol=6e-8)
