@@ -25,3 +25,24 @@ def check_amp_dtype(amp_dtype: Any) -> torch.dtype | None:
 def check_callable(name: str, fn: Callable | None, shape: str) -> None:
     if fn is not None and not callable(fn):
         raise TypeError(f"{name} must be callable ({shape}) or None; got {type(fn).__name__}")
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def resolve_accum_dtype(accum_dtype: Any, params) -> torch.dtype | None:
+    """``"auto"`` -> float32 when a trainable parameter is bf16/fp16, else None (autograd's ``.grad``)."""
+    if isinstance(accum_dtype, str) and accum_dtype == "auto":
+        low = any(p.requires_grad and p.dtype in _LOW_PRECISION for p in params)
+        return torch.float32 if low else None
+    if accum_dtype is None or accum_dtype in (torch.float32, torch.float64):
+        return accum_dtype
+    raise ValueError(f"accum_dtype must be 'auto', torch.float32, torch.float64 or None; got {accum_dtype!r}")
+
+
+def check_master_weights(master_weights: Any, accum: torch.dtype | None) -> None:
+    if not isinstance(master_weights, bool):
+        raise TypeError(f"master_weights must be True or False; got {master_weights!r}")
+    if master_weights and accum is None:
+        raise ValueError("master_weights=True keeps fp32 copies updated from the fp32 gradient buffer; it needs "
+                         "accum_dtype=torch.float32 (or 'auto' with bf16/fp16 parameters)")

@@ -1,4 +1,4 @@
-"""The ``autoaccum`` command line: ``demo``, ``probe`` (pre-flight sizing)."""
+"""The ``autoaccum`` command line: ``demo``, ``probe`` (pre-flight sizing), ``bench`` (kernels)."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,11 @@ class CliError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.args = extra            # everything after 'bench' belongs to the benchmark script
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # keep stdout in order with the stderr progress line
     try:
@@ -67,7 +71,28 @@ def _parser() -> argparse.ArgumentParser:
                        help="allocate nothing: dry-run on fake tensors for a GPU of --device-memory")
     probe.add_argument("--device-memory", default="80GiB", help="GPU memory for --estimate (default 80GiB)")
     probe.set_defaults(run=_run_probe)
+
+    bench = sub.add_parser("bench", help="kernel benchmarks against PyTorch's paths (needs a GPU and a source checkout)",
+                           add_help=False)
+    bench.set_defaults(run=_run_bench)
     return parser
+
+
+def _run_bench(args) -> int:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    if not script.exists():
+        raise CliError(f"the benchmark lives in a source checkout ({script} is missing); "
+                       f"clone the repository and run it there")
+    import runpy
+    saved = sys.argv
+    sys.argv = [str(script), *args.args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = saved
+    return 0
 
 
 # ---------------------------------------------------------------- demo

@@ -30,13 +30,15 @@ import torch
 from torch import nn
 
 from . import batch as batching
-from .checks import check_amp_dtype, check_callable
+from .buffer import GradBuffer
+from .checks import check_amp_dtype, check_callable, check_master_weights, resolve_accum_dtype
 from .loss import LossFn
 from .memory import format_bytes, parse_bytes
 from .plan import check_positive_int
 from .probe import (DEFAULT_MAX_MICRO_BATCH, MemoryModel, Trial, TrialRunner, _TrackerMeter, plot_memory,
                     sample_factory, search)
 from .tracker import ROUND_CUDA, LiveBytes, storage_bytes
+from .update import Updater
 
 
 @dataclass
@@ -75,12 +77,14 @@ def estimate(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn |
              amp_dtype: torch.dtype | None = None, count_fn=None, device_memory: int | str = "80GiB",
              max_micro_batch: int | None = None, context_bytes: int | str = "512MiB",
              workspace_bytes: int | str = "32MiB", headroom: int | str | None = None,
-             max_runs: int = 8) -> Estimate:
+             max_runs: int = 8, accum_dtype: torch.dtype | str | None = "auto",
+             master_weights: bool = False) -> Estimate:
     """Predict the largest micro-batch for a GPU with ``device_memory`` bytes, allocating nothing.
 
     ``model`` may live anywhere, the meta device included (build big models under
     ``torch.device("meta")`` to size them on a laptop); ``optimizer`` only lends its class and
-    hyperparameters. ``sample`` is as in :func:`autoaccum.probe` (meta tensors work too).
+    hyperparameters. ``sample`` is as in :func:`autoaccum.probe` (meta tensors work too);
+    ``accum_dtype``/``master_weights`` as in :func:`autoaccum.fit`.
     """
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -88,6 +92,8 @@ def estimate(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn |
     amp = check_amp_dtype(amp_dtype)
     check_callable("loss_fn", loss_fn, "loss_fn(model, micro_batch) -> scalar mean loss")
     check_callable("count_fn", count_fn, "count_fn(micro_batch) -> number of items")
+    accum = resolve_accum_dtype(accum_dtype, list(model.parameters()))
+    check_master_weights(master_weights, accum)
     cap = DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch
     check_positive_int("max_micro_batch", cap)
     check_positive_int("max_runs", max_runs)
@@ -110,10 +116,15 @@ def estimate(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn |
         fake = batching.map_leaves(make_real(n), lambda t: _fake_like(torch.as_tensor(t), fake_mode))
         return batching.map_leaves(fake, torch.clone)  # cloned inside the trial, so the tracker counts it
 
-    params_and_buffers = list(fake_model.parameters()) + list(fake_model.buffers())
-    tracker = LiveBytes(baseline=storage_bytes(params_and_buffers, ROUND_CUDA) + workspace, round_to=ROUND_CUDA)
+    grad_buffer = None
+    if accum is not None:
+        with fake_mode:
+            grad_buffer = GradBuffer(list(fake_model.parameters()), accum)
+    persistent = list(fake_model.parameters()) + list(fake_model.buffers())
+    persistent += list(grad_buffer.flat.values()) if grad_buffer is not None else []
+    tracker = LiveBytes(baseline=storage_bytes(persistent, ROUND_CUDA) + workspace, round_to=ROUND_CUDA)
     runner = TrialRunner(fake_model, fake_opt, make_batch, loss_fn, amp, torch.device("cpu"),
-                         _TrackerMeter(tracker))
+                         _TrackerMeter(tracker), grad_buffer, Updater(master_weights))
     try:
         with fake_mode, tracker:
             best, runs, mem_model, head = search(runner, usable, cap, headroom=fixed_headroom,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .batchnorm import MODES as BATCHNORM_MODES
-from .checks import check_amp_dtype, check_callable
+from .checks import check_amp_dtype, check_callable, check_master_weights, resolve_accum_dtype
 from .plan import plan as make_plan
 from .probe import probe
 from .trainer import CountFn, LossFn, Trainer
@@ -23,7 +23,8 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
         max_grad_norm: float | None = None, amp_dtype: torch.dtype | str | None = None,
         count_fn: CountFn | None = None, batchnorm: str | None = None,
         device: torch.device | str | None = None, sample: Any = None,
-        memory_budget: int | str | None = None, probe_cache: bool = True) -> Trainer:
+        memory_budget: int | str | None = None, probe_cache: bool = True,
+        accum_dtype: torch.dtype | str | None = "auto", master_weights: bool = False) -> Trainer:
     """Set up exact large-batch training of ``model`` with an effective batch of ``target_batch``.
 
     ``loss_fn(model, micro_batch)`` returns the MEAN loss over the micro-batch's items; without
@@ -34,6 +35,10 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
     ``memory_budget``, with results cached unless ``probe_cache=False``. ``amp_dtype`` is ``torch.float16`` (with a GradScaler) or ``torch.bfloat16``.
     ``batchnorm`` is ``"micro"``, ``"freeze"`` or ``"step"`` (see :mod:`autoaccum.batchnorm`).
     ``device`` is where micro-batches are moved before the forward (default: the model's).
+    ``accum_dtype`` is the dtype of the gradient buffer the fused kernels accumulate into
+    (``"auto"``: float32 when a trainable parameter is bf16/fp16, else autograd's own ``.grad``;
+    ``None``: never). With the buffer, bf16/fp16 parameters get their fp32 gradient cast for the
+    update, or with ``master_weights=True`` the optimizer updates fp32 master copies.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -54,12 +59,8 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
         raise ValueError(f"batchnorm must be one of {', '.join(map(repr, BATCHNORM_MODES))} or None; "
                          f"got {batchnorm!r}")
     dev = _device(device, params)
-    if amp == torch.float16:
-        low = sorted({str(p.dtype) for p in params if p.requires_grad and p.dtype != torch.float32})
-        if low:
-            raise ValueError(f"amp_dtype=torch.float16 runs the math in float16 under autocast and needs "
-                             f"float32 parameters for GradScaler, but the model has {', '.join(low)} "
-                             f"parameters; keep the parameters in float32 (model.float())")
+    accum = resolve_accum_dtype(accum_dtype, params)
+    check_master_weights(master_weights, accum)
 
     world_size = _world_size()
     probe_result = None
@@ -70,12 +71,14 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
         per_rank = make_plan(target_batch, 1, world_size).per_rank_batch  # checks target/world first
         probe_result = probe(model, sample, optimizer=optimizer, loss_fn=loss_fn, amp_dtype=amp,
                              count_fn=count_fn, device=dev, max_micro_batch=per_rank,
-                             memory_budget=memory_budget, cache=probe_cache, world_size=world_size)
+                             memory_budget=memory_budget, cache=probe_cache, world_size=world_size,
+                             accum_dtype=accum, master_weights=master_weights)
         micro_batch = probe_result.max_micro_batch
     the_plan = make_plan(target_batch, micro_batch, world_size)
     return Trainer(model, optimizer, the_plan, loss_fn=loss_fn, scheduler=scheduler,
                    max_grad_norm=max_grad_norm, amp_dtype=amp, count_fn=count_fn,
-                   batchnorm=batchnorm, device=dev, probe_result=probe_result)
+                   batchnorm=batchnorm, device=dev, probe_result=probe_result, accum_dtype=accum,
+                   master_weights=master_weights)
 
 
 def _check_optimizer(optimizer: Any, params: list[torch.Tensor]) -> None:

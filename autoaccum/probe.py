@@ -38,12 +38,14 @@ from torch import nn
 
 from . import batch as batching
 from . import rng
-from .checks import check_amp_dtype, check_callable
+from .buffer import GradBuffer
+from .checks import check_amp_dtype, check_callable, check_master_weights, resolve_accum_dtype
 from .loss import LossFn, compute_loss
 from .memory import (DeviceReading, NotEnoughMemoryError, drop_traceback, format_bytes, is_oom_error,
                      parse_bytes, read_device, release_memory)
 from .plan import check_positive_int
 from .tracker import LiveBytes, storage_bytes
+from .update import Updater
 
 DEFAULT_MAX_MICRO_BATCH = 1 << 16
 DEFAULT_MAX_TRIALS = 6
@@ -350,13 +352,19 @@ class _TrackerMeter:
 
 
 class TrialRunner:
-    """Runs a micro-batch of ``n`` the way training does and measures its peak memory."""
+    """Runs a micro-batch of ``n`` the way training does and measures its peak memory.
+
+    With a gradient ``buffer`` (``accum_dtype``) the gradients fold into it through its hooks
+    and reach the optimizer through ``updater`` (casts or fp32 masters), as in training.
+    """
 
     def __init__(self, model: nn.Module, optimizer, make_batch: Callable[[int], Any], loss_fn: LossFn | None,
-                 amp_dtype: torch.dtype | None, device: torch.device, meter):
+                 amp_dtype: torch.dtype | None, device: torch.device, meter,
+                 buffer: GradBuffer | None = None, updater: Updater | None = None):
         self.model, self.optimizer, self.make_batch = model, optimizer, make_batch
         self.loss_fn, self.amp_dtype, self.device, self.meter = loss_fn, amp_dtype, device, meter
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.buffer, self.updater = buffer, updater or Updater()
 
     def __call__(self, n: int) -> Trial:
         started = time.perf_counter()
@@ -377,9 +385,12 @@ class TrialRunner:
         return trial
 
     def _measure(self, n: int) -> Trial:
-        for p in self.params:  # mid-accumulation: gradients already exist
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        if self.buffer is not None:
+            self.buffer.begin_step()     # the buffer itself is allocated already, like mid-accumulation
+        else:
+            for p in self.params:        # mid-accumulation: gradients already exist
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         self.meter.clear()
         base = self.meter.current()
         part = batching.to_device(self.make_batch(n), self.device)
@@ -394,7 +405,12 @@ class TrialRunner:
         if self.optimizer is not None:
             self.meter.reset_peak()
             before = self.meter.current()
-            self.optimizer.step()
+            if self.buffer is not None:
+                self.updater.step(self.optimizer, self.buffer.written())
+                for p in self.params:
+                    p.grad = None        # cast copies go; the buffer stays
+            else:
+                self.optimizer.step()
             step = self.meter.peak()
             new_state = max(self.meter.current() - before, 0)
             # The first step creates optimizer state; in training it exists during every backward.
@@ -460,7 +476,8 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
           amp_dtype: torch.dtype | None = None, count_fn=None, device: torch.device | str | None = None,
           max_micro_batch: int | None = None, memory_budget: int | str | None = None,
           headroom: int | str | None = None, max_trials: int = DEFAULT_MAX_TRIALS,
-          cache: bool = True, world_size: int = 1) -> ProbeResult:
+          cache: bool = True, world_size: int = 1, accum_dtype: torch.dtype | str | None = "auto",
+          master_weights: bool = False) -> ProbeResult:
     """Find the largest micro-batch that runs a whole training step on ``device`` without OOM.
 
     ``sample`` is one batch (tiled or sliced to each trial's size) or a callable ``sample(n)``
@@ -469,6 +486,8 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
     ``memory_budget`` caps the usable bytes on any device (on the CPU the default is half of
     the available RAM). Results are cached under the user cache dir, keyed by everything that
     changes memory use; ``cache=False`` neither reads nor writes the cache.
+    ``accum_dtype``/``master_weights`` are as in :func:`autoaccum.fit`: the trials hold the same
+    gradient buffer and master weights that training will.
     The model, optimizer state and RNG streams are left exactly as they were.
     """
     started = time.perf_counter()
@@ -477,6 +496,8 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
     amp = check_amp_dtype(amp_dtype)
     check_callable("loss_fn", loss_fn, "loss_fn(model, micro_batch) -> scalar mean loss")
     check_callable("count_fn", count_fn, "count_fn(micro_batch) -> number of items")
+    accum = resolve_accum_dtype(accum_dtype, list(model.parameters()))
+    check_master_weights(master_weights, accum)
     cap = DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch
     check_positive_int("max_micro_batch", cap)
     check_positive_int("max_trials", max_trials)
@@ -508,7 +529,7 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
         # A budget is exact; a device's free memory drifts, so it is compared in 64 MiB steps.
         limit_key = limit if budget is not None and limit == budget else f"device~{limit >> 26}x64MiB"
         key = cache_key(model, sample_desc, optimizer, amp, loss_fn, reading, limit_key, cap, world_size,
-                        fixed_headroom, max_trials)
+                        fixed_headroom, max_trials, (str(accum), master_weights))
         hit = _cache_load(key)
         if hit is not None:
             hit.from_cache = True
@@ -517,14 +538,16 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
 
     guard = StateGuard(model, optimizer)
     tracker = None
+    buffer = GradBuffer(list(model.parameters()), accum) if accum is not None else None
     try:
         if dev.type == "cuda":
             meter = _CudaMeter(dev)
         else:
-            baseline = storage_bytes(_persistent_tensors(model, optimizer))
-            tracker = LiveBytes(baseline=baseline)
+            persistent = _persistent_tensors(model, optimizer) + (list(buffer.flat.values()) if buffer else [])
+            tracker = LiveBytes(baseline=storage_bytes(persistent))
             meter = _TrackerMeter(tracker)
-        runner = TrialRunner(model, optimizer, make_batch, loss_fn, amp, dev, meter)
+        runner = TrialRunner(model, optimizer, make_batch, loss_fn, amp, dev, meter, buffer,
+                             Updater(master_weights))
         if tracker is not None:
             with tracker:
                 best, trials, mem_model, head = search(runner, limit, cap, headroom=fixed_headroom,
@@ -533,8 +556,10 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
             best, trials, mem_model, head = search(runner, limit, cap, headroom=fixed_headroom,
                                                    allocator=True, max_trials=max_trials)
     finally:
+        if buffer is not None:
+            buffer.remove()
         guard.restore()
-        del guard
+        del guard, buffer
         release_memory(dev)
 
     if best == 0:
@@ -601,7 +626,7 @@ def cache_dir() -> Path:
 
 
 def cache_key(model, sample_desc, optimizer, amp, loss_fn, reading: DeviceReading, limit, cap: int,
-              world_size: int, headroom, max_trials: int) -> str:
+              world_size: int, headroom, max_trials: int, gradients=None) -> str:
     """Everything that changes a step's memory: structure, shapes, dtypes, code, optimizer, amp, device."""
     classes = sorted({type(m) for m in model.modules()}, key=_qualname)
     opt = None
@@ -619,6 +644,7 @@ def cache_key(model, sample_desc, optimizer, amp, loss_fn, reading: DeviceReadin
         "loss_fn": [_qualname(loss_fn), _source_hash(loss_fn)] if loss_fn is not None else None,
         "device": [reading.name, reading.total_bytes], "limit": limit,
         "max_micro_batch": cap, "world_size": world_size, "headroom": headroom, "max_trials": max_trials,
+        "gradients": gradients,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

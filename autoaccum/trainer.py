@@ -4,10 +4,13 @@ The order of events in :meth:`Trainer.step` is the whole story:
 
 1. split the batch into micro-batches and count each one's items (``count_fn``) - before any
    state changes, so bad input raises with nothing touched;
-2. for each micro-batch: forward (under autocast), then backward of ``loss * items_i / items``,
-   so the accumulated gradient is the gradient of the item-weighted mean over the whole batch;
-3. unscale (fp16), measure the gradient norm and look for inf/nan, clip, step the optimizer
-   and the scheduler - or skip all three if anything was non-finite.
+2. for each micro-batch: forward (under autocast), then backward, with the micro-batch weighted
+   by ``items_i / items``, so the accumulated gradient is the gradient of the item-weighted mean
+   over the whole batch (the weight multiplies the loss, or - with the gradient buffer - the
+   fused accumulate kernel applies it while folding the gradient into fp32);
+3. finalize: one read pass for the norm and inf/nan, one write pass to unscale and clip (or
+   neither, folded into a fused optimizer); then step the optimizer and the scheduler - or skip
+   both if anything was non-finite.
 
 The usual tutorial loop divides each micro-batch loss by ``accum_steps``, which is right only
 when every micro-batch holds the same number of items. Here micro-batch ``i`` is weighted by
@@ -26,10 +29,14 @@ import torch
 from torch import nn
 
 from . import batch as batching
+from . import kernels
 from .batchnorm import RunningStats
+from .buffer import GradBuffer
 from .loss import LossFn, compute_loss
 from .plan import Plan, balanced_split
 from .progress import Progress
+from .scaler import LossScaler
+from .update import Updater
 
 CountFn = Callable[[Any], Any]
 
@@ -58,7 +65,9 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan, *,
                  loss_fn: LossFn | None, scheduler, max_grad_norm: float | None,
                  amp_dtype: torch.dtype | None, count_fn: CountFn | None,
-                 batchnorm: str | None, device: torch.device, probe_result=None):
+                 batchnorm: str | None, device: torch.device, probe_result=None,
+                 accum_dtype: torch.dtype | None = None, master_weights: bool = False,
+                 backend: str | None = None):
         self.model = model
         self.optimizer = optimizer
         self.plan = plan
@@ -69,11 +78,14 @@ class Trainer:
         self.count_fn = count_fn
         self.device = device
         self.probe_result = probe_result
-        self.scaler = (torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None)
+        self.backend = backend
+        self.scaler = LossScaler(device) if amp_dtype == torch.float16 else None
         self.steps = 0          # optimizer updates applied
         self.skipped_steps = 0  # steps skipped for non-finite values
         self._running_stats = RunningStats(model, batchnorm)
         self._params = _unique(p for p in model.parameters() if p.requires_grad)
+        self.buffer = GradBuffer(self._params, accum_dtype, backend=backend) if accum_dtype is not None else None
+        self.updater = Updater(master_weights)
 
     # ------------------------------------------------------------------ one optimizer step
     def step(self, batch: Any) -> StepStats:
@@ -93,8 +105,7 @@ class Trainer:
         try:
             loss_sum = self._accumulate(parts, weights)
         except BaseException:
-            self._zero_grad()
-            self._running_stats.abort()
+            self._discard_accumulation()
             raise
         self._running_stats.end()
 
@@ -117,16 +128,15 @@ class Trainer:
                 f"(e.g. DataLoader(batch_size={self.plan.per_rank_batch}))")
         sizes = self.plan.micro_batches if n == self.plan.per_rank_batch else balanced_split(n, self.plan.micro_batch)
         parts = batching.split(batch, sizes)
-        counts = self._count(parts, sizes)
+        counts = self._count(parts)
         return parts, sizes, counts
 
-    def _count(self, parts: list[Any], sizes: list[int]) -> list[float]:
+    def _count(self, parts: list[Any]) -> list[float]:
         if self.count_fn is None:
-            return [float(s) for s in sizes]
-        raw = [self.count_fn(p) for p in parts]
+            return [float(batching.batch_size(p)) for p in parts]
         counts = []
-        for i, c in enumerate(raw):
-            value = _to_number(c, f"count_fn(micro_batch {i})")
+        for i, p in enumerate(parts):
+            value = _to_number(self.count_fn(p), f"count_fn(micro_batch {i})")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"count_fn returned {value} for micro-batch {i}; it must return the "
                                  f"number of items (e.g. non-padding tokens) in the micro-batch, >= 0")
@@ -139,50 +149,74 @@ class Trainer:
 
     def _accumulate(self, parts: list[Any], weights: list[float]) -> torch.Tensor:
         """Forward and backward every micro-batch; returns the weighted loss sum (on device)."""
+        if self.buffer is not None:
+            self.buffer.begin_step()
         loss_sum = None
         for i, (part, w) in enumerate(zip(parts, weights)):
             if w == 0:
                 continue  # no items: its mean loss is undefined and its share of the update is zero
-            loss = self._forward(batching.to_device(part, self.device), i)
-            self._backward(loss * w)
+            loss = compute_loss(self.model, batching.to_device(part, self.device), self.loss_fn, self.device,
+                                self.amp_dtype, i)
+            if self.buffer is not None:
+                self.buffer.weight = w        # the accumulate kernel applies it, in fp32
+                self._backward(loss)
+            else:
+                self._backward(loss * w)
             loss_sum = loss.detach() * w if loss_sum is None else loss_sum + loss.detach() * w
         return loss_sum
 
-    def _forward(self, part: Any, index: int) -> torch.Tensor:
-        return compute_loss(self.model, part, self.loss_fn, self.device, self.amp_dtype, index)
-
     def _backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        (loss * self.scaler.scale if self.scaler is not None else loss).backward()
 
     def _update(self, loss_sum: torch.Tensor) -> StepStats:
-        """Unscale, check, clip, step - or skip; then free the gradients."""
-        loss = float(loss_sum)
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros(())
+        """Finalize (norm, inf/nan, unscale, clip), then step - or skip; then free the gradients."""
+        pairs = self._gradients()
+        grads = [g for _, g in pairs]
+        inv_scale = self.scaler.inv_scale() if self.scaler is not None else 1.0
+        fold = self._can_fold(grads, inv_scale)
+        norm, found_inf = kernels.finalize_(grads, inv_scale, self.max_grad_norm, apply=not fold,
+                                            backend=self.backend)
+        loss = float(loss_sum)           # the one host sync of the step
         norm_value = float(norm)
-        skipped = not (math.isfinite(norm_value) and math.isfinite(loss))
+        skipped = bool(found_inf) or not math.isfinite(loss)
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
-        if not skipped and self.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self._params, self.max_grad_norm, norm)
-        if self.scaler is not None:
-            if not skipped:
-                self.scaler.step(self.optimizer)
-            self.scaler.update()  # lowers the scale after inf/nan, as GradScaler always does
-        elif not skipped:
-            self.optimizer.step()
-        if skipped:
-            self.skipped_steps += 1
-        else:
+        if not skipped:
+            grad_scale = kernels.clip_scale(norm, inv_scale, self.max_grad_norm).reciprocal().float() if fold else None
+            self.updater.step(self.optimizer, pairs, grad_scale, found_inf)
             self.steps += 1
             if self.scheduler is not None:
                 self.scheduler.step()
+        else:
+            self.skipped_steps += 1
+        if self.scaler is not None:
+            self.scaler.update(found_inf)  # lowers the scale after inf/nan, grows it after clean runs
         self._zero_grad()
         events = ([f"skipped the update: {'loss' if not math.isfinite(loss) else 'gradient norm'} "
                    f"is not finite"] if skipped else [])
         return StepStats(loss=loss, grad_norm=norm_value if self.max_grad_norm is not None else None,
                          skipped=skipped, micro_batches=[], items=0, lr=lr, events=events)
+
+    def _gradients(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, its accumulated gradient): buffer views, or what autograd left in ``.grad``."""
+        if self.buffer is not None:
+            return self.buffer.written()
+        return [(p, p.grad) for p in self._params if p.grad is not None]
+
+    def _can_fold(self, grads: list[torch.Tensor], inv_scale) -> bool:
+        """Leave the unscale/clip factor to a fused optimizer (it takes ``grad_scale``) when one is needed.
+
+        Fused optimizers take the factor as float32, so float64 gradients keep the exact write pass.
+        """
+        needed = self.max_grad_norm is not None or not (isinstance(inv_scale, float) and inv_scale == 1.0)
+        return bool(needed and grads and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+                    and all(g.dtype != torch.float64 for g in grads))
+
+    def _discard_accumulation(self) -> None:
+        """After a failed micro-batch: no partial gradient survives, running stats go back."""
+        self._zero_grad()
+        if self.buffer is not None:
+            self.buffer.discard_step()
+        self._running_stats.abort()
 
     def _zero_grad(self) -> None:
         for p in self._params:
@@ -223,8 +257,9 @@ class Trainer:
         return history
 
     def __repr__(self) -> str:
+        buf = f", accum_dtype={self.buffer.dtype}" if self.buffer is not None else ""
         return (f"Trainer({type(self.model).__name__}, {self.plan}, amp={self.amp_dtype}, "
-                f"device={self.device})")
+                f"device={self.device}{buf})")
 
 
 def _to_number(value: Any, what: str) -> float:

@@ -113,3 +113,16 @@ def test_demo_probes_by_default(capsys):
     assert cli.main(["demo", "--steps", "2", "--target-batch", "64", "--memory-budget", "8MiB", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "probe: " in out and "trials under 8.00 MiB" in out and "[OK]" in out
+
+
+def test_bench_command_runs_the_kernel_benchmark_script(tmp_path, capsys):
+    out = tmp_path / "k.json"
+    assert cli.main(["bench", "--dry-run", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "device-to-device copy" in text and "finalize (norm + scale)" in text and "goals" in text
+    data = json.loads(out.read_text())
+    assert data["env"]["torch"] == __import__("torch").__version__ and data["rows"]
+    kernels = {r["kernel"] for r in data["rows"]}
+    assert {"accumulate assign bfloat16", "accumulate add float32", "finalize (norm + scale)"} <= kernels
+    variants = {r["variant"] for r in data["rows"]}
+    assert {"python loop", "torch._foreach", "deepspeed-style", "pytorch unscale_+clip"} <= variants

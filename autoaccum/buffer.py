@@ -1,0 +1,115 @@
+"""The gradient buffer: one contiguous accumulator per device, a view per parameter.
+
+Autograd adds each micro-batch's gradient into ``.grad`` in the parameter's own dtype, so a bf16
+model accumulates in bf16 and small contributions round away (DeepSpeed warns about exactly
+this; Megatron keeps an fp32 ``main_grad``). Here a post-accumulate-grad hook takes every fresh
+gradient off the parameter, folds ``weight * g`` into the parameter's fp32 view with the fused
+``accumulate_`` kernel and lets the low-precision gradient go. The first contribution of a step
+*assigns* (no zeroing pass); a parameter that receives no gradient in a step gets none, as with
+autograd.
+
+Gradients are folded in buckets of ``bucket_bytes`` (one multi-tensor launch each) and at the end
+of every backward, so at most a bucket of low-precision gradients is alive at a time.
+
+At update time ``grads()`` exposes the views: for parameters of the buffer's dtype ``p.grad`` *is*
+the view (no copy); lower-precision parameters are handled by the trainer (a cast, or fp32
+master weights).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+
+ALIGN = 16  # elements: 64-byte aligned views for vectorised access
+
+
+class GradBuffer:
+    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype = torch.float32,
+                 bucket_bytes: int = 32 << 20, backend: str | None = None):
+        self.params = [p for p in params if p.requires_grad]
+        self.dtype = dtype
+        self.bucket_bytes = bucket_bytes
+        self.backend = backend
+        self.views: dict[int, torch.Tensor] = {}
+        self.flat: dict[torch.device, torch.Tensor] = {}
+        by_device: dict[torch.device, list[nn.Parameter]] = {}
+        for p in self.params:
+            by_device.setdefault(p.device, []).append(p)
+        for device, ps in by_device.items():
+            offsets, total = [], 0
+            for p in ps:
+                offsets.append(total)
+                total += -(-p.numel() // ALIGN) * ALIGN
+            flat = torch.empty(total, dtype=dtype, device=device)  # every view is assigned before it is read
+            self.flat[device] = flat
+            for p, off in zip(ps, offsets):
+                self.views[id(p)] = flat[off:off + p.numel()].view(p.shape)
+        self.weight = 1.0
+        self._fresh: set[int] = set()
+        self._written: set[int] = set()
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+        self._pending_bytes = 0
+        self._flush_queued = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.flat.values())
+
+    def begin_step(self) -> None:
+        """A new optimizer step: the next contribution to every view assigns."""
+        self._fresh = {id(p) for p in self.params}
+        self._written = set()
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        g = p.grad
+        p.grad = None
+        if g is None:
+            return
+        assign = id(p) in self._fresh
+        self._fresh.discard(id(p))
+        self._written.add(id(p))
+        self._pending.append((self.views[id(p)], g, assign))
+        self._pending_bytes += g.numel() * g.element_size()
+        if not self._flush_queued:
+            self._flush_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if self._pending_bytes >= self.bucket_bytes:
+            self.flush()
+
+    def _end_of_backward(self) -> None:
+        self._flush_queued = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Fold every pending gradient into its view (two launches at most: assign, add)."""
+        if not self._pending:
+            return
+        for assign in (True, False):
+            pairs = [(v, g) for v, g, a in self._pending if a == assign]
+            if pairs:
+                kernels.accumulate_([v for v, _ in pairs], [g for _, g in pairs], self.weight, assign=assign,
+                                    backend=self.backend)
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def written(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, view) for every parameter that received a gradient this step."""
+        self.flush()
+        return [(p, self.views[id(p)]) for p in self.params if id(p) in self._written]
+
+    def discard_step(self) -> None:
+        """Forget this step's accumulation (after an error): nothing pending, nothing written."""
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._written = set()
+        self._fresh = {id(p) for p in self.params}
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
