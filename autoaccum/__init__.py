@@ -6,11 +6,12 @@ optimizer step so that the update equals the update of one full batch.
 from . import kernels
 from .estimate import Estimate, estimate
 from .fit import fit
+from .distributed import PeerFailure
 from .memory import NotEnoughMemoryError
 from .plan import Plan, plan
 from .probe import MemoryModel, ProbeResult, Trial, probe
 from .trainer import StepStats, Trainer
 
 __all__ = ["fit", "plan", "probe", "estimate", "kernels", "Estimate", "Plan", "Trainer", "StepStats", "ProbeResult", "Trial", "MemoryModel",
-           "NotEnoughMemoryError"]
+           "NotEnoughMemoryError", "PeerFailure"]
 __version__ = "0.1.0"

@@ -64,6 +64,7 @@ class GradBuffer:
         self._written = set()
         self._pending.clear()
         self._pending_bytes = 0
+        self._flush_queued = False
 
     def _on_grad(self, p: torch.Tensor) -> None:
         g = p.grad
@@ -102,10 +103,16 @@ class GradBuffer:
         self.flush()
         return [(p, self.views[id(p)]) for p in self.params if id(p) in self._written]
 
+    def mark_written(self, params: list[nn.Parameter]) -> None:
+        """After a cross-rank sum: these views hold gradients now, whichever rank produced them."""
+        self._written = {id(p) for p in params}
+        self._fresh -= self._written
+
     def discard_step(self) -> None:
         """Forget this step's accumulation (after an error): nothing pending, nothing written."""
         self._pending.clear()
         self._pending_bytes = 0
+        self._flush_queued = False   # a backward that raised never runs its end-of-backward callback
         self._written = set()
         self._fresh = {id(p) for p in self.params}
 

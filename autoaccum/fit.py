@@ -14,9 +14,11 @@ from torch import nn
 
 from .batchnorm import MODES as BATCHNORM_MODES
 from .checks import check_amp_dtype, check_callable, check_master_weights, resolve_accum_dtype
+from .distributed import SYNC_MODES, Topology
 from .plan import plan as make_plan
 from .probe import probe
 from .trainer import CountFn, LossFn, Trainer
+
 
 def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *,
         loss_fn: LossFn | None = None, micro_batch: int | None = None, scheduler: Any = None,
@@ -24,7 +26,8 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
         count_fn: CountFn | None = None, batchnorm: str | None = None,
         device: torch.device | str | None = None, sample: Any = None,
         memory_budget: int | str | None = None, probe_cache: bool = True,
-        accum_dtype: torch.dtype | str | None = "auto", master_weights: bool = False) -> Trainer:
+        accum_dtype: torch.dtype | str | None = "auto", master_weights: bool = False,
+        sync: str = "deferred", oom_retry: bool = True, regrow_after: int | None = None) -> Trainer:
     """Set up exact large-batch training of ``model`` with an effective batch of ``target_batch``.
 
     ``loss_fn(model, micro_batch)`` returns the MEAN loss over the micro-batch's items; without
@@ -32,13 +35,19 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
     ``count_fn(micro_batch)`` counts those items (default: samples), e.g. non-padding tokens.
     ``micro_batch`` is the largest micro-batch to run; ``None`` means find it with
     :func:`autoaccum.probe` on ``sample`` (the worst-case batch, or ``sample(n)``) under
-    ``memory_budget``, with results cached unless ``probe_cache=False``. ``amp_dtype`` is ``torch.float16`` (with a GradScaler) or ``torch.bfloat16``.
+    ``memory_budget``, with results cached unless ``probe_cache=False``; under DDP every rank probes
+    and all take the smallest result. ``amp_dtype`` is ``torch.float16`` (with dynamic loss
+    scaling) or ``torch.bfloat16``.
     ``batchnorm`` is ``"micro"``, ``"freeze"`` or ``"step"`` (see :mod:`autoaccum.batchnorm`).
     ``device`` is where micro-batches are moved before the forward (default: the model's).
     ``accum_dtype`` is the dtype of the gradient buffer the fused kernels accumulate into
     (``"auto"``: float32 when a trainable parameter is bf16/fp16, else autograd's own ``.grad``;
     ``None``: never). With the buffer, bf16/fp16 parameters get their fp32 gradient cast for the
     update, or with ``master_weights=True`` the optimizer updates fp32 master copies.
+    ``sync`` (DDP only): ``"deferred"`` all-reduces the gradient buffer once after the last
+    micro-batch (OOM-safe on every rank), ``"overlap"`` lets DDP all-reduce during the last
+    micro-batch's backward. ``oom_retry``: on out-of-memory, re-run the batch with a smaller
+    micro-batch; ``regrow_after``: after that many clean steps, try a larger one again.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -59,26 +68,63 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
         raise ValueError(f"batchnorm must be one of {', '.join(map(repr, BATCHNORM_MODES))} or None; "
                          f"got {batchnorm!r}")
     dev = _device(device, params)
-    accum = resolve_accum_dtype(accum_dtype, params)
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {', '.join(map(repr, SYNC_MODES))}; got {sync!r}")
+    if not isinstance(oom_retry, bool):
+        raise TypeError(f"oom_retry must be True or False; got {oom_retry!r}")
+    if regrow_after is not None and (isinstance(regrow_after, bool) or not isinstance(regrow_after, int)
+                                     or regrow_after < 1):
+        raise ValueError(f"regrow_after must be a positive int (clean steps before trying a larger "
+                         f"micro-batch) or None; got {regrow_after!r}")
+    topology = Topology(model, sync)
+    accum = _accum_for(topology, accum_dtype, params)
     check_master_weights(master_weights, accum)
 
-    world_size = _world_size()
+    world_size = topology.world_size
     probe_result = None
     if micro_batch is None:
         if sample is None:
             raise ValueError("pass micro_batch= (the largest micro-batch to run) or sample= (a batch to "
                              "probe memory with) so autoaccum can find the micro-batch")
+        if topology.kind == "fsdp2":
+            raise ValueError("fit cannot probe an FSDP2 model: its trials would need every rank in lockstep. "
+                             "Probe the unsharded model on one GPU (autoaccum.probe) or pass micro_batch=")
         per_rank = make_plan(target_batch, 1, world_size).per_rank_batch  # checks target/world first
-        probe_result = probe(model, sample, optimizer=optimizer, loss_fn=loss_fn, amp_dtype=amp,
+        # Trials run on the wrapped module, so no rank ever waits in a collective for another's trial.
+        probe_result = probe(topology.module, sample, optimizer=optimizer, loss_fn=loss_fn, amp_dtype=amp,
                              count_fn=count_fn, device=dev, max_micro_batch=per_rank,
                              memory_budget=memory_budget, cache=probe_cache, world_size=world_size,
                              accum_dtype=accum, master_weights=master_weights)
-        micro_batch = probe_result.max_micro_batch
+        micro_batch = topology.agree_min(probe_result.max_micro_batch)
     the_plan = make_plan(target_batch, micro_batch, world_size)
     return Trainer(model, optimizer, the_plan, loss_fn=loss_fn, scheduler=scheduler,
                    max_grad_norm=max_grad_norm, amp_dtype=amp, count_fn=count_fn,
                    batchnorm=batchnorm, device=dev, probe_result=probe_result, accum_dtype=accum,
-                   master_weights=master_weights)
+                   master_weights=master_weights, topology=topology, oom_retry=oom_retry,
+                   regrow_after=regrow_after)
+
+
+def _accum_for(topology: Topology, accum_dtype: Any, params: list[torch.Tensor]) -> torch.dtype | None:
+    """The gradient buffer's dtype. DDP with deferred sync needs one (it is what gets all-reduced);
+    FSDP2 keeps its own sharded gradients, so it cannot have one."""
+    accum = resolve_accum_dtype(accum_dtype, params)
+    if topology.kind == "fsdp2":
+        if accum is not None and not (isinstance(accum_dtype, str) and accum_dtype == "auto"):
+            raise ValueError("FSDP2 keeps its own sharded gradients, so accum_dtype must be 'auto' or None; for "
+                             "fp32 gradient reduction use MixedPrecisionPolicy(reduce_dtype=torch.float32)")
+        return None
+    if topology.syncs_buffer and accum is None:
+        if accum_dtype is None:
+            raise ValueError("DDP with sync='deferred' all-reduces autoaccum's gradient buffer, so accum_dtype "
+                             "cannot be None; leave it 'auto' or use sync='overlap'")
+        trainable = [p for p in params if p.requires_grad]
+        accum = torch.float64 if all(p.dtype == torch.float64 for p in trainable) else torch.float32
+    if topology.kind == "ddp" and topology.sync == "overlap" and accum is not None:
+        if isinstance(accum_dtype, str) and accum_dtype == "auto":
+            return None   # DDP reduces .grad in the parameters' dtype; README says when that matters
+        raise ValueError("DDP with sync='overlap' all-reduces autograd's .grad inside the last backward, so "
+                         "there is no gradient buffer: use sync='deferred' for an fp32 buffer, or accum_dtype='auto'")
+    return accum
 
 
 def _check_optimizer(optimizer: Any, params: list[torch.Tensor]) -> None:
@@ -118,10 +164,3 @@ def _device(device: Any, params: list[torch.Tensor]) -> torch.device:
         raise ValueError(f"the model's parameters are on several devices ({sorted(map(str, devices))}); "
                          f"pass device= to say where micro-batches go")
     return devices.pop()
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1

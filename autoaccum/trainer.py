@@ -3,14 +3,17 @@
 The order of events in :meth:`Trainer.step` is the whole story:
 
 1. split the batch into micro-batches and count each one's items (``count_fn``) - before any
-   state changes, so bad input raises with nothing touched;
+   state changes, so bad input raises with nothing touched; under data parallelism the counts
+   are summed over ranks, so every weight is a share of the *global* batch;
 2. for each micro-batch: forward (under autocast), then backward, with the micro-batch weighted
    by ``items_i / items``, so the accumulated gradient is the gradient of the item-weighted mean
    over the whole batch (the weight multiplies the loss, or - with the gradient buffer - the
    fused accumulate kernel applies it while folding the gradient into fp32);
-3. finalize: one read pass for the norm and inf/nan, one write pass to unscale and clip (or
-   neither, folded into a fused optimizer); then step the optimizer and the scheduler - or skip
-   both if anything was non-finite.
+3. if a micro-batch ran out of memory (on any rank): throw the partial accumulation away, lower
+   the micro-batch, restore the random streams and run the same batch again;
+4. synchronise gradients over ranks (DDP, deferred), then finalize: one read pass for the norm
+   and inf/nan, one write pass to unscale and clip (or neither, folded into a fused optimizer);
+   then step the optimizer and the scheduler - or skip both if anything was non-finite.
 
 The usual tutorial loop divides each micro-batch loss by ``accum_steps``, which is right only
 when every micro-batch holds the same number of items. Here micro-batch ``i`` is weighted by
@@ -19,6 +22,7 @@ and token-mean losses over padded sequences give the full-batch update.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -29,31 +33,45 @@ import torch
 from torch import nn
 
 from . import batch as batching
-from . import kernels
+from . import kernels, rng
 from .batchnorm import RunningStats
 from .buffer import GradBuffer
+from .distributed import Agreement, PeerFailure, Topology
 from .loss import LossFn, compute_loss
-from .plan import Plan, balanced_split
+from .memory import NotEnoughMemoryError, release_memory
+from .plan import Plan, balanced_split, check_positive_int
+from .plan import plan as make_plan
 from .progress import Progress
+from .recovery import Failure, Regrow, classify, not_enough_memory_message, smaller_micro_batch
 from .scaler import LossScaler
 from .update import Updater
 
 CountFn = Callable[[Any], Any]
+log = logging.getLogger("autoaccum")
 
 
 @dataclass
 class StepStats:
     """What one :meth:`Trainer.step` did."""
 
-    loss: float                 # item-weighted mean loss over the whole batch
+    loss: float                 # item-weighted mean loss over the whole (global) batch
     grad_norm: float | None     # total norm before clipping (only when max_grad_norm is set)
     skipped: bool               # True when the update was skipped (non-finite loss or gradients)
-    micro_batches: list[int]    # sizes actually run
-    items: int | float          # items counted over the batch (samples unless count_fn is given)
-    samples: int = 0            # samples in the batch
+    micro_batches: list[int]    # sizes actually run (in the attempt that succeeded)
+    items: int | float          # items counted over the batch (all ranks; samples unless count_fn is given)
+    samples: int = 0            # samples in this rank's batch
     lr: float | None = None     # learning rate of the first param group for this update
     seconds: float = 0.0        # wall time of the step, host-side
-    events: list[str] = field(default_factory=list)   # notable things that happened, for logs
+    oom_retries: int = 0        # attempts thrown away because a micro-batch ran out of memory
+    micro_batch_limit: int = 0  # the plan's micro-batch limit after this step
+    events: list[str] = field(default_factory=list)   # notable things that happened, also logged
+
+
+@dataclass
+class _Attempt:
+    loss_sum: torch.Tensor | None
+    failure: Failure | None
+    agreement: Agreement
 
 
 class Trainer:
@@ -67,7 +85,8 @@ class Trainer:
                  amp_dtype: torch.dtype | None, count_fn: CountFn | None,
                  batchnorm: str | None, device: torch.device, probe_result=None,
                  accum_dtype: torch.dtype | None = None, master_weights: bool = False,
-                 backend: str | None = None):
+                 backend: str | None = None, topology: Topology | None = None,
+                 oom_retry: bool = True, regrow_after: int | None = None):
         self.model = model
         self.optimizer = optimizer
         self.plan = plan
@@ -79,9 +98,14 @@ class Trainer:
         self.device = device
         self.probe_result = probe_result
         self.backend = backend
+        self.topology = topology or Topology(model)
+        self.oom_retry = oom_retry
+        self.max_micro_batch = plan.micro_batch   # what the plan started with; regrowth never exceeds it
         self.scaler = LossScaler(device) if amp_dtype == torch.float16 else None
         self.steps = 0          # optimizer updates applied
         self.skipped_steps = 0  # steps skipped for non-finite values
+        self.oom_retries = 0    # attempts discarded after an out-of-memory error, over the whole run
+        self._regrow = Regrow(regrow_after)
         self._running_stats = RunningStats(model, batchnorm)
         self._params = _unique(p for p in model.parameters() if p.requires_grad)
         self.buffer = GradBuffer(self._params, accum_dtype, backend=backend) if accum_dtype is not None else None
@@ -93,43 +117,112 @@ class Trainer:
 
         ``batch`` may be shorter than the per-rank batch (the last one of an epoch): it is split
         with the same micro-batch limit and weighted by its own item count, as a full-batch step
-        on it would be. Parameters, optimizer and scheduler change only if the step succeeds.
+        on it would be. Parameters, optimizer, scheduler, loss scale and the random streams change
+        only through a successful pass over the whole batch.
         """
         started = time.perf_counter()
-        parts, sizes, counts = self._prepare(batch)
-        total = sum(counts)
-        weights = [c / total for c in counts]
-
-        self._zero_grad()
-        self._running_stats.begin(len(parts))
+        events: list[str] = []
+        self._maybe_regrow(events)
+        n, counts, total = self._prepare(batch)
+        streams = rng.capture()
+        retries = 0
         try:
-            loss_sum = self._accumulate(parts, weights)
+            while True:
+                attempt = self._attempt(batch, n, counts, total)
+                if attempt.failure is None and not attempt.agreement.failed:
+                    break
+                retries += 1
+                self._recover(attempt, events)          # raises unless this was a recoverable OOM
+                rng.restore(streams)                    # the retry sees the stream a first attempt would
+                counts = self._recount(batch, n)
         except BaseException:
-            self._discard_accumulation()
+            self._discard_accumulation()                # nothing half-accumulated survives an error
             raise
-        self._running_stats.end()
 
-        stats = self._update(loss_sum)
+        self._running_stats.end()
+        if self.topology.syncs_buffer:
+            self._sync_buffer(attempt.agreement)
+        stats = self._update(attempt.loss_sum)
+        sizes = self._sizes(n)
         stats.micro_batches = [s for s, c in zip(sizes, counts) if c > 0]
         stats.items = _as_number(total)
-        stats.samples = sum(sizes)
+        stats.samples = n
         stats.seconds = time.perf_counter() - started
+        stats.oom_retries = retries
+        stats.micro_batch_limit = self.plan.micro_batch
+        stats.events = events + stats.events
         if any(c == 0 for c in counts):
             stats.events.append(f"skipped {counts.count(0)} micro-batch(es) with no items")
         return stats
 
-    def _prepare(self, batch: Any) -> tuple[list[Any], list[int], list[float]]:
-        """Split and count; raises on bad input before anything is touched."""
-        n = batching.batch_size(batch)
-        if n > self.plan.per_rank_batch:
-            raise ValueError(
-                f"batch has {n} samples but this rank's share of target_batch={self.plan.target_batch} "
-                f"is {self.plan.per_rank_batch}; give step() one optimizer step of samples "
-                f"(e.g. DataLoader(batch_size={self.plan.per_rank_batch}))")
-        sizes = self.plan.micro_batches if n == self.plan.per_rank_batch else balanced_split(n, self.plan.micro_batch)
-        parts = batching.split(batch, sizes)
-        counts = self._count(parts)
-        return parts, sizes, counts
+    def _sizes(self, n: int) -> list[int]:
+        return self.plan.micro_batches if n == self.plan.per_rank_batch else balanced_split(n, self.plan.micro_batch)
+
+    def _prepare(self, batch: Any) -> tuple[int, list[float], float]:
+        """Check and count this rank's batch, then agree on the global item total.
+
+        Every rank reaches the agreement even when its own batch is bad, so a rejected batch on
+        one rank raises on all of them instead of leaving the others in a collective.
+        """
+        error: Exception | None = None
+        n, counts = 0, []
+        try:
+            n = batching.batch_size(batch)
+            if n > self.plan.per_rank_batch:
+                raise ValueError(
+                    f"batch has {n} samples but this rank's share of target_batch={self.plan.target_batch} "
+                    f"is {self.plan.per_rank_batch}; give step() one optimizer step of samples "
+                    f"(e.g. DataLoader(batch_size={self.plan.per_rank_batch}))")
+            counts = self._count(batching.split(batch, self._sizes(n)))
+            self._check_collective_shape(counts)
+        except (ValueError, TypeError) as e:
+            if not self.topology.distributed:
+                raise
+            error = e
+        total, rejected = self.topology.agree_items(sum(counts), error is not None)
+        if error is not None:
+            raise error
+        if rejected:
+            raise PeerFailure("another rank rejected its batch (its error says why); this rank stops too")
+        if total <= 0:
+            raise ValueError(f"count_fn returned 0 items for every micro-batch ({counts}); the loss mean over "
+                             f"the batch is undefined. count_fn must count the items the loss averages over "
+                             f"(e.g. tokens whose label is not ignored)")
+        return n, counts, total
+
+    def _recount(self, batch: Any, n: int) -> list[float]:
+        """Counts for the new split after a re-plan; every rank reaches the same agreement point."""
+        error: Exception | None = None
+        counts: list[float] = []
+        try:
+            counts = self._count(batching.split(batch, self._sizes(n)))
+            self._check_collective_shape(counts)
+        except (ValueError, TypeError) as e:
+            if not self.topology.distributed:
+                raise
+            error = e
+        if self.topology.distributed:
+            _, rejected = self.topology.agree_items(0.0, error is not None)
+            if error is not None:
+                raise error
+            if rejected:
+                raise PeerFailure("another rank rejected the re-planned split; this rank stops too")
+        return counts
+
+    def _check_collective_shape(self, counts: list[float]) -> None:
+        """Where the model itself communicates in forward/backward, every rank must run the same
+        micro-batches, none of them empty of items (an empty one would skip those collectives)."""
+        topo = self.topology
+        if not (topo.lockstep or topo.kind == "fsdp2"):
+            return
+        if len(counts) != len(self.plan.micro_batches):
+            raise ValueError(f"this rank's batch splits into {len(counts)} micro-batches, not the plan's "
+                             f"{len(self.plan.micro_batches)}: with {topo.kind} and collectives inside the model's "
+                             f"forward every rank must hold the full per-rank batch; use drop_last=True or a "
+                             f"DistributedSampler that pads")
+        if any(c == 0 for c in counts):
+            raise ValueError("a micro-batch has no items (count_fn returned 0): with collectives inside the "
+                             "model's forward every micro-batch must run on every rank; balance the batch")
 
     def _count(self, parts: list[Any]) -> list[float]:
         if self.count_fn is None:
@@ -141,42 +234,149 @@ class Trainer:
                 raise ValueError(f"count_fn returned {value} for micro-batch {i}; it must return the "
                                  f"number of items (e.g. non-padding tokens) in the micro-batch, >= 0")
             counts.append(value)
-        if sum(counts) <= 0:
-            raise ValueError(f"count_fn returned 0 items for every micro-batch ({counts}); the loss "
-                             f"mean over the batch is undefined. count_fn must count the items the "
-                             f"loss averages over (e.g. tokens whose label is not ignored)")
         return counts
 
-    def _accumulate(self, parts: list[Any], weights: list[float]) -> torch.Tensor:
-        """Forward and backward every micro-batch; returns the weighted loss sum (on device)."""
+    def _attempt(self, batch: Any, n: int, counts: list[float], total: float) -> _Attempt:
+        """Forward and backward every micro-batch; stop at the first failure (here or, in lockstep,
+        on another rank) and report it at the agreement point."""
+        topo = self.topology
+        self._zero_grad()
         if self.buffer is not None:
             self.buffer.begin_step()
-        loss_sum = None
-        for i, (part, w) in enumerate(zip(parts, weights)):
-            if w == 0:
-                continue  # no items: its mean loss is undefined and its share of the update is zero
-            loss = compute_loss(self.model, batching.to_device(part, self.device), self.loss_fn, self.device,
-                                self.amp_dtype, i)
-            if self.buffer is not None:
-                self.buffer.weight = w        # the accumulate kernel applies it, in fp32
-                self._backward(loss)
-            else:
-                self._backward(loss * w)
-            loss_sum = loss.detach() * w if loss_sum is None else loss_sum + loss.detach() * w
-        return loss_sum
+        parts = batching.split(batch, self._sizes(n))
+        live = [i for i, c in enumerate(counts) if c > 0]
+        self._running_stats.begin(len(live))
+        loss_sum, failure, agreement = None, None, None
+        for i in live:
+            last = i == live[-1]
+            share = counts[i] / total
+            try:
+                with topo.micro_batch(last):
+                    loss = compute_loss(self.model, batching.to_device(parts[i], self.device), self.loss_fn,
+                                        self.device, self.amp_dtype, i)
+                    weight = share * topo.loss_factor
+                    if self.buffer is not None:
+                        self.buffer.weight = weight        # the accumulate kernel applies it, in fp32
+                        self._backward(loss)
+                    else:
+                        self._backward(loss * weight)
+                loss_sum = loss.detach() * share if loss_sum is None else loss_sum + loss.detach() * share
+                del loss
+            except Exception as e:  # noqa: BLE001 - classified: OOM is recovered, anything else re-raised
+                failure = classify(e, i, batching.batch_size(parts[i]))
+                del e
+            if failure is not None or (topo.lockstep and not (last and topo.sync == "overlap")):
+                agreement = self._agree(failure, final=last or failure is not None)
+                if failure is not None or agreement.failed:
+                    break
+        if agreement is None:
+            agreement = self._agree(failure, final=True)
+        return _Attempt(loss_sum, failure, agreement)
+
+    def _agree(self, failure: Failure | None, final: bool) -> Agreement:
+        """The agreement point: every rank reports ok / out of memory / error and proposes a micro-batch."""
+        topo = self.topology
+        if failure is not None and self._collective_in_flight(failure):
+            self._discard_accumulation()
+            if failure.error is not None:
+                raise failure.error
+            raise RuntimeError(f"out of memory in micro-batch {failure.index} ({failure.message}) while other ranks "
+                               f"may be inside {'FSDP2' if topo.kind == 'fsdp2' else 'DDP'} collectives, so they "
+                               f"cannot be brought back to a common point: "
+                               + ("restart with a smaller micro_batch" if topo.kind == "fsdp2"
+                                  else "use sync='deferred' (the default) to recover from this"))
+        if topo.kind == "fsdp2":
+            return Agreement(0, self.plan.micro_batch)   # nothing to agree on: FSDP2 syncs itself
+        code = 0 if failure is None else (1 if failure.oom and self.oom_retry else 2)
+        proposal = self.plan.micro_batch
+        if code == 1:
+            proposal = smaller_micro_batch(failure, self.plan.micro_batch, self.probe_result, self.device)
+        touched = None
+        if final and topo.syncs_buffer:
+            written = {id(p) for p, _ in self.buffer.written()} if failure is None else set()
+            touched = torch.tensor([id(p) in written for p in self._params], dtype=torch.int64)
+        return topo.agree(code, proposal, touched)
+
+    def _collective_in_flight(self, failure: Failure) -> bool:
+        """Could another rank be waiting in a collective of the model's own (FSDP2 anywhere, DDP's
+        overlapped all-reduce in the last micro-batch)? Then no agreement point can be reached."""
+        topo = self.topology
+        if topo.kind == "fsdp2":
+            return True
+        return topo.kind == "ddp" and topo.sync == "overlap" and failure.index == len(self.plan.micro_batches) - 1
+
+    def _recover(self, attempt: _Attempt, events: list[str]) -> None:
+        """Throw the attempt away; re-raise a real error; after an OOM lower the micro-batch (or give up)."""
+        failure, agreement = attempt.failure, attempt.agreement
+        attempt.loss_sum = None
+        self._discard_accumulation()
+        release_memory(self.device)
+        if failure is not None and (not failure.oom or not self.oom_retry):
+            if failure.error is not None:
+                raise failure.error
+            raise torch.OutOfMemoryError(failure.message)
+        if agreement.failed == 2:
+            raise PeerFailure("another rank failed in this step (its error says why); this rank stops too")
+        if agreement.proposal < 1:
+            where = failure if failure is not None else Failure(0, 1, True, "on another rank")
+            raise NotEnoughMemoryError(not_enough_memory_message(where, self.topology.rank, self.device,
+                                                                 self.probe_result))
+        self._regrow.out_of_memory()
+        self.oom_retries += 1
+        old = self.plan.micro_batch
+        self.set_micro_batch(agreement.proposal)
+        here = (f"micro-batch {failure.index} ({failure.size} samples) on rank {self.topology.rank}: "
+                f"{failure.message}" if failure is not None else "another rank")
+        message = (f"out of memory in {here}; retrying the same batch with micro-batch {self.plan.micro_batch} "
+                   f"(was {old}): {self.plan}")
+        events.append(message)
+        log.warning("autoaccum: %s", message)
+
+    def _maybe_regrow(self, events: list[str]) -> None:
+        grown = self._regrow.proposal(self.plan.micro_batch, self.max_micro_batch)
+        if grown is not None:
+            grown = self.topology.agree_min(grown)
+            message = f"regrowing the micro-batch from {self.plan.micro_batch} to {grown} after clean steps"
+            self.set_micro_batch(grown)
+            events.append(message)
+            log.info("autoaccum: %s", message)
+
+    def set_micro_batch(self, micro_batch: int) -> Plan:
+        """Re-plan with a new micro-batch limit; the effective batch (``target_batch``) is unchanged."""
+        check_positive_int("micro_batch", micro_batch, "the largest micro-batch to run")
+        self.plan = make_plan(self.plan.target_batch, micro_batch, self.plan.world_size)
+        return self.plan
 
     def _backward(self, loss: torch.Tensor) -> None:
         (loss * self.scaler.scale if self.scaler is not None else loss).backward()
 
-    def _update(self, loss_sum: torch.Tensor) -> StepStats:
+    def _sync_buffer(self, agreement: Agreement) -> None:
+        """DDP, deferred: zero what this rank did not touch, SUM the buffer, keep the union."""
+        mine = {id(p) for p, _ in self.buffer.written()}
+        touched = agreement.touched.tolist()
+        for p, t in zip(self._params, touched):
+            if t and id(p) not in mine:
+                self.buffer.views[id(p)].zero_()
+        self.topology.all_reduce_buffer(list(self.buffer.flat.values()))
+        self.buffer.mark_written([p for p, t in zip(self._params, touched) if t])
+
+    def _update(self, loss_sum: torch.Tensor | None) -> StepStats:
         """Finalize (norm, inf/nan, unscale, clip), then step - or skip; then free the gradients."""
+        topo = self.topology
         pairs = self._gradients()
-        grads = [g for _, g in pairs]
+        grads = [_local(g) for _, g in pairs]
         inv_scale = self.scaler.inv_scale() if self.scaler is not None else 1.0
-        fold = self._can_fold(grads, inv_scale)
-        norm, found_inf = kernels.finalize_(grads, inv_scale, self.max_grad_norm, apply=not fold,
-                                            backend=self.backend)
-        loss = float(loss_sum)           # the one host sync of the step
+        if loss_sum is None:
+            loss_sum = torch.zeros((), device=self.device)
+        loss_t = topo.sum_(loss_sum.detach().double().reshape(1))
+        if topo.kind == "fsdp2":   # sharded gradients: the norm is a sum over ranks
+            norm, found_inf = self._finalize_sharded(grads, inv_scale)
+            fold = False
+        else:
+            fold = self._can_fold(grads, inv_scale)
+            norm, found_inf = kernels.finalize_(grads, inv_scale, self.max_grad_norm, apply=not fold,
+                                                backend=self.backend)
+        loss = float(loss_t)           # the host sync of the step
         norm_value = float(norm)
         skipped = bool(found_inf) or not math.isfinite(loss)
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
@@ -196,6 +396,19 @@ class Trainer:
         return StepStats(loss=loss, grad_norm=norm_value if self.max_grad_norm is not None else None,
                          skipped=skipped, micro_batches=[], items=0, lr=lr, events=events)
 
+    def _finalize_sharded(self, grads: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, torch.Tensor]:
+        norm, found = kernels.finalize_(grads, inv_scale, None, apply=False, backend=self.backend)
+        t = torch.stack([torch.where(found > 0, 0.0, norm.double()) ** 2, found.double()])
+        self.topology.sum_(t)
+        found = (t[1] > 0).float()
+        norm = torch.where(found > 0, float("inf"), t[0].sqrt()).float()
+        if not bool(found):
+            scale = kernels.clip_scale(norm, inv_scale, self.max_grad_norm)
+            if float(scale) != 1.0 and grads:
+                for g in grads:
+                    g.mul_(scale.to(g.dtype))
+        return norm, found
+
     def _gradients(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """(parameter, its accumulated gradient): buffer views, or what autograd left in ``.grad``."""
         if self.buffer is not None:
@@ -212,7 +425,7 @@ class Trainer:
                     and all(g.dtype != torch.float64 for g in grads))
 
     def _discard_accumulation(self) -> None:
-        """After a failed micro-batch: no partial gradient survives, running stats go back."""
+        """After a failed attempt: no partial gradient survives, running stats go back."""
         self._zero_grad()
         if self.buffer is not None:
             self.buffer.discard_step()
@@ -228,8 +441,8 @@ class Trainer:
               progress: bool = True) -> list[StepStats]:
         """Step through ``loader`` (each item: one optimizer step of samples) for ``epochs``.
 
-        Shows a progress bar (loss, micro-batch, accumulation steps, samples/s) on stderr and
-        returns every step's :class:`StepStats`.
+        Shows a progress bar (loss, micro-batch, accumulation steps, samples/s) on stderr (on rank 0
+        only when distributed) and returns every step's :class:`StepStats`.
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive int; got {epochs!r}")
@@ -243,7 +456,7 @@ class Trainer:
         if max_steps is not None:
             total = min(total, max_steps) if total is not None else max_steps
         history: list[StepStats] = []
-        bar = Progress(total=total, enabled=progress)
+        bar = Progress(total=total, enabled=progress and self.topology.rank == 0)
         try:
             for _ in range(epochs):
                 for batch in loader:
@@ -258,8 +471,14 @@ class Trainer:
 
     def __repr__(self) -> str:
         buf = f", accum_dtype={self.buffer.dtype}" if self.buffer is not None else ""
+        par = f", {self.topology.kind} x{self.topology.world_size}" if self.topology.distributed else ""
         return (f"Trainer({type(self.model).__name__}, {self.plan}, amp={self.amp_dtype}, "
-                f"device={self.device}{buf})")
+                f"device={self.device}{buf}{par})")
+
+
+def _local(g: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor gradient (FSDP2); plain tensors as they are."""
+    return g.to_local() if hasattr(g, "to_local") else g
 
 
 def _to_number(value: Any, what: str) -> float:

@@ -1,0 +1,183 @@
+"""Data parallelism on torch.distributed: who takes part, when gradients sync, where ranks agree.
+
+A model wrapped in ``DistributedDataParallel`` or sharded with FSDP2's ``fully_shard`` declares
+data parallelism; its process group gives the world size. Every collective autoaccum issues is
+an *agreement point* that every rank reaches whatever happened to it, so one rank's bad batch or
+out-of-memory error never leaves the others waiting in a collective:
+
+* before the first forward: the item counts (SUM) and whether any rank rejected its batch;
+* after the micro-batches (and, where the model itself communicates during forward, after each
+  one): did any rank fail, and the micro-batch each proposes (MIN); the gradients it touched;
+* DDP, ``sync="deferred"`` (the default): every micro-batch runs under ``no_sync()``; after the
+  agreement, the fp32 gradient buffer is all-reduced in buckets. No collective runs inside a
+  forward or backward, so an OOM anywhere is recoverable on every rank.
+* DDP, ``sync="overlap"``: DDP's own bucketed all-reduce overlaps the last micro-batch's
+  backward; an OOM inside that last micro-batch cannot be recovered collectively.
+* FSDP2: ``set_requires_gradient_sync`` only for the last micro-batch; FSDP2 all-gathers inside
+  every forward, so an OOM under FSDP2 is reported, not retried.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+SYNC_MODES = ("deferred", "overlap")
+BUCKET_BYTES = 25 << 20   # DDP's default bucket size
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed this step (not out of memory); this rank stops with it."""
+
+
+@dataclass
+class Agreement:
+    failed: int            # 0 ok, 1 out of memory somewhere, 2 another error somewhere
+    proposal: int          # the smallest micro-batch any rank proposes
+    touched: torch.Tensor | None = None   # per parameter: 1 if any rank produced a gradient
+
+
+def _fsdp_module_type():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        return FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return None
+
+
+class Topology:
+    """How this process takes part in data parallelism: alone, under DDP, or under FSDP2."""
+
+    def __init__(self, model: nn.Module, sync: str = "deferred"):
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}; got {sync!r}")
+        fsdp = _fsdp_module_type()
+        self.model = model
+        self.sync = sync
+        self.group = None
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            self.kind = "ddp"
+            self.group = model.process_group
+            self.module = model.module
+        elif fsdp is not None and isinstance(model, fsdp):
+            self.kind = "fsdp2"
+            self.module = model
+        else:
+            self.kind = "single"
+            self.module = model
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                raise ValueError(
+                    f"a process group of {dist.get_world_size()} ranks is initialised but the model is neither "
+                    f"DistributedDataParallel nor FSDP2 (fully_shard): wrap it, e.g. "
+                    f"DistributedDataParallel(model), so the ranks share one effective batch; to train "
+                    f"independent copies, create the trainer before init_process_group")
+        if self.kind != "single":
+            self.world_size = dist.get_world_size(self.group)
+            self.rank = dist.get_rank(self.group)
+            backend = dist.get_backend(self.group)
+            self.comm_device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+                                else torch.device("cpu"))
+        else:
+            self.world_size, self.rank, self.comm_device = 1, 0, torch.device("cpu")
+        self.allreduces = 0   # collectives issued for gradients (tests count them)
+
+    # ------------------------------------------------------------------ properties of the setup
+    @property
+    def distributed(self) -> bool:
+        return self.kind != "single"
+
+    @property
+    def loss_factor(self) -> float:
+        """DDP's own all-reduce and FSDP2's reduce-scatter average over ranks; our weights already
+        are global fractions, so the loss is multiplied back by the world size."""
+        return float(self.world_size) if self.kind == "fsdp2" or (self.kind == "ddp" and self.sync == "overlap") else 1.0
+
+    @property
+    def syncs_buffer(self) -> bool:
+        """autoaccum all-reduces the gradient buffer itself (DDP, deferred)."""
+        return self.kind == "ddp" and self.sync == "deferred"
+
+    @property
+    def lockstep(self) -> bool:
+        """Agree after every micro-batch, because the model communicates inside its forward (DDP
+        buffer broadcast, SyncBatchNorm) or the last backward does (overlap): ranks must not drift
+        into a collective another rank will not reach."""
+        if self.kind != "ddp":
+            return False
+        sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in self.module.modules())
+        return self.sync == "overlap" or sync_bn or self.model.will_sync_module_buffers()
+
+    @property
+    def recovers_oom(self) -> bool:
+        return self.kind != "fsdp2"
+
+    # ------------------------------------------------------------------ gradient sync control
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool):
+        """Run one micro-batch with the right gradient synchronisation."""
+        if self.kind == "ddp":
+            if self.sync == "overlap" and last:
+                yield
+            else:
+                with self.model.no_sync():
+                    yield
+        elif self.kind == "fsdp2":
+            self.model.set_requires_gradient_sync(last)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            yield
+
+    # ------------------------------------------------------------------ agreement points
+    def agree_items(self, local_items: float, rejected: bool) -> tuple[float, bool]:
+        """Total items over all ranks, and whether any rank rejected its batch (one collective)."""
+        if not self.distributed:
+            return local_items, rejected
+        t = torch.tensor([local_items, float(rejected)], dtype=torch.float64, device=self.comm_device)
+        dist.all_reduce(t, group=self.group)
+        return float(t[0]), bool(t[1] > 0)
+
+    def agree(self, failed: int, proposal: int, touched: torch.Tensor | None = None) -> Agreement:
+        """Worst outcome (MAX), smallest proposed micro-batch (MIN), union of touched parameters (MAX)."""
+        if not self.distributed:
+            return Agreement(failed, proposal, touched)
+        extra = touched.to(self.comm_device, torch.int64) if touched is not None else torch.zeros(0, dtype=torch.int64,
+                                                                                                 device=self.comm_device)
+        t = torch.cat([torch.tensor([failed, -proposal], dtype=torch.int64, device=self.comm_device), extra])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return Agreement(int(t[0]), -int(t[1]), t[2:] if touched is not None else None)
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place SUM over ranks (losses, norms); a no-op alone."""
+        if self.distributed:
+            moved = t.to(self.comm_device)
+            dist.all_reduce(moved, group=self.group)
+            if moved is not t:
+                t.copy_(moved)
+        return t
+
+    def agree_min(self, value: int) -> int:
+        """The smallest ``value`` over ranks: the probed micro-batch every rank can run."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t[0])
+
+    # ------------------------------------------------------------------ deferred DDP gradient sync
+    def all_reduce_buffer(self, flat_buffers: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> int:
+        """SUM the gradient buffer over ranks in buckets of ``bucket_bytes``; returns the bucket count."""
+        handles = []
+        for flat in flat_buffers:
+            per = max(1, bucket_bytes // flat.element_size())
+            for start in range(0, flat.numel(), per):
+                handles.append(dist.all_reduce(flat[start:start + per], group=self.group, async_op=True))
+        for h in handles:
+            h.wait()
+        self.allreduces += len(handles)
+        return len(handles)
