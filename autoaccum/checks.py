@@ -40,6 +40,19 @@ def resolve_accum_dtype(accum_dtype: Any, params) -> torch.dtype | None:
     raise ValueError(f"accum_dtype must be 'auto', torch.float32, torch.float64 or None; got {accum_dtype!r}")
 
 
+def check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights):
+    """The checks probe and estimate share: what one training step is made of."""
+    from torch import nn
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    amp = check_amp_dtype(amp_dtype)
+    check_callable("loss_fn", loss_fn, "loss_fn(model, micro_batch) -> scalar mean loss")
+    check_callable("count_fn", count_fn, "count_fn(micro_batch) -> number of items")
+    accum = resolve_accum_dtype(accum_dtype, list(model.parameters()))
+    check_master_weights(master_weights, accum)
+    return amp, accum
+
+
 def check_master_weights(master_weights: Any, accum: torch.dtype | None) -> None:
     if not isinstance(master_weights, bool):
         raise TypeError(f"master_weights must be True or False; got {master_weights!r}")

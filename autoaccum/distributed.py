@@ -134,13 +134,16 @@ class Topology:
             yield
 
     # ------------------------------------------------------------------ agreement points
-    def agree_items(self, local_items: float, rejected: bool) -> tuple[float, bool]:
-        """Total items over all ranks, and whether any rank rejected its batch (one collective)."""
+    def agree_batch(self, local_items: float, rejected: bool, micro_batches: int) -> tuple[float, bool, bool]:
+        """One collective before the first forward: the items over all ranks, whether any rank
+        rejected its batch, and whether every rank runs the same number of micro-batches (a sum
+        of k and of k^2 is enough: they are equal everywhere iff W * sum(k^2) == sum(k)^2)."""
         if not self.distributed:
-            return local_items, rejected
-        t = torch.tensor([local_items, float(rejected)], dtype=torch.float64, device=self.comm_device)
+            return local_items, rejected, True
+        k = float(micro_batches)
+        t = torch.tensor([local_items, float(rejected), k, k * k], dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(t, group=self.group)
-        return float(t[0]), bool(t[1] > 0)
+        return float(t[0]), bool(t[1] > 0), bool(self.world_size * t[3] == t[2] * t[2])
 
     def agree(self, failed: int, proposal: int, touched: torch.Tensor | None = None) -> Agreement:
         """Worst outcome (MAX), smallest proposed micro-batch (MIN), union of touched parameters (MAX)."""

@@ -31,7 +31,7 @@ from torch import nn
 
 from . import batch as batching
 from .buffer import GradBuffer
-from .checks import check_amp_dtype, check_callable, check_master_weights, resolve_accum_dtype
+from .checks import check_step_arguments
 from .loss import LossFn
 from .memory import format_bytes, parse_bytes
 from .plan import check_positive_int
@@ -87,13 +87,7 @@ def estimate(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn |
     ``accum_dtype``/``master_weights`` as in :func:`autoaccum.fit`.
     """
     started = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    amp = check_amp_dtype(amp_dtype)
-    check_callable("loss_fn", loss_fn, "loss_fn(model, micro_batch) -> scalar mean loss")
-    check_callable("count_fn", count_fn, "count_fn(micro_batch) -> number of items")
-    accum = resolve_accum_dtype(accum_dtype, list(model.parameters()))
-    check_master_weights(master_weights, accum)
+    amp, accum = check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights)
     cap = DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch
     check_positive_int("max_micro_batch", cap)
     check_positive_int("max_runs", max_runs)

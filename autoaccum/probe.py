@@ -39,7 +39,7 @@ from torch import nn
 from . import batch as batching
 from . import rng
 from .buffer import GradBuffer
-from .checks import check_amp_dtype, check_callable, check_master_weights, resolve_accum_dtype
+from .checks import check_step_arguments
 from .loss import LossFn, compute_loss
 from .memory import (DeviceReading, NotEnoughMemoryError, drop_traceback, format_bytes, is_oom_error,
                      parse_bytes, read_device, release_memory)
@@ -491,13 +491,7 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
     The model, optimizer state and RNG streams are left exactly as they were.
     """
     started = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    amp = check_amp_dtype(amp_dtype)
-    check_callable("loss_fn", loss_fn, "loss_fn(model, micro_batch) -> scalar mean loss")
-    check_callable("count_fn", count_fn, "count_fn(micro_batch) -> number of items")
-    accum = resolve_accum_dtype(accum_dtype, list(model.parameters()))
-    check_master_weights(master_weights, accum)
+    amp, accum = check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights)
     cap = DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch
     check_positive_int("max_micro_batch", cap)
     check_positive_int("max_trials", max_trials)

@@ -134,7 +134,7 @@ class Trainer:
                 retries += 1
                 self._recover(attempt, events)          # raises unless this was a recoverable OOM
                 rng.restore(streams)                    # the retry sees the stream a first attempt would
-                counts = self._recount(batch, n)
+                _, counts, _ = self._prepare(batch)     # the new split's counts; the total is the same
         except BaseException:
             self._discard_accumulation()                # nothing half-accumulated survives an error
             raise
@@ -159,7 +159,7 @@ class Trainer:
         return self.plan.micro_batches if n == self.plan.per_rank_batch else balanced_split(n, self.plan.micro_batch)
 
     def _prepare(self, batch: Any) -> tuple[int, list[float], float]:
-        """Check and count this rank's batch, then agree on the global item total.
+        """Check and count this rank's batch under the current plan, then agree on the global total.
 
         Every rank reaches the agreement even when its own batch is bad, so a rejected batch on
         one rank raises on all of them instead of leaving the others in a collective.
@@ -179,47 +179,28 @@ class Trainer:
             if not self.topology.distributed:
                 raise
             error = e
-        total, rejected = self.topology.agree_items(sum(counts), error is not None)
+        total, rejected, uniform = self.topology.agree_batch(sum(counts), error is not None, len(counts))
         if error is not None:
             raise error
         if rejected:
             raise PeerFailure("another rank rejected its batch (its error says why); this rank stops too")
+        if not uniform and (self.topology.lockstep or self.topology.kind == "fsdp2"):
+            raise ValueError(f"ranks split their batches into different numbers of micro-batches (here {len(counts)}); "
+                             f"with {self.topology.kind} communicating inside the model every rank must run the same "
+                             f"micro-batches: give every rank the same number of samples (DistributedSampler pads; "
+                             f"or drop_last=True)")
         if total <= 0:
             raise ValueError(f"count_fn returned 0 items for every micro-batch ({counts}); the loss mean over "
                              f"the batch is undefined. count_fn must count the items the loss averages over "
                              f"(e.g. tokens whose label is not ignored)")
         return n, counts, total
 
-    def _recount(self, batch: Any, n: int) -> list[float]:
-        """Counts for the new split after a re-plan; every rank reaches the same agreement point."""
-        error: Exception | None = None
-        counts: list[float] = []
-        try:
-            counts = self._count(batching.split(batch, self._sizes(n)))
-            self._check_collective_shape(counts)
-        except (ValueError, TypeError) as e:
-            if not self.topology.distributed:
-                raise
-            error = e
-        if self.topology.distributed:
-            _, rejected = self.topology.agree_items(0.0, error is not None)
-            if error is not None:
-                raise error
-            if rejected:
-                raise PeerFailure("another rank rejected the re-planned split; this rank stops too")
-        return counts
-
     def _check_collective_shape(self, counts: list[float]) -> None:
-        """Where the model itself communicates in forward/backward, every rank must run the same
-        micro-batches, none of them empty of items (an empty one would skip those collectives)."""
+        """Where the model itself communicates in forward/backward, no micro-batch may be skipped
+        for having no items (it would skip those collectives on this rank only)."""
         topo = self.topology
         if not (topo.lockstep or topo.kind == "fsdp2"):
             return
-        if len(counts) != len(self.plan.micro_batches):
-            raise ValueError(f"this rank's batch splits into {len(counts)} micro-batches, not the plan's "
-                             f"{len(self.plan.micro_batches)}: with {topo.kind} and collectives inside the model's "
-                             f"forward every rank must hold the full per-rank batch; use drop_last=True or a "
-                             f"DistributedSampler that pads")
         if any(c == 0 for c in counts):
             raise ValueError("a micro-batch has no items (count_fn returned 0): with collectives inside the "
                              "model's forward every micro-batch must run on every rank; balance the batch")
@@ -264,19 +245,19 @@ class Trainer:
                 del loss
             except Exception as e:  # noqa: BLE001 - classified: OOM is recovered, anything else re-raised
                 failure = classify(e, i, batching.batch_size(parts[i]))
-                del e
+                del e           # with its frames gone, a half-run graph dies when this attempt returns
             if failure is not None or (topo.lockstep and not (last and topo.sync == "overlap")):
-                agreement = self._agree(failure, final=last or failure is not None)
+                agreement = self._agree(failure, final=last or failure is not None, in_last=last)
                 if failure is not None or agreement.failed:
                     break
         if agreement is None:
             agreement = self._agree(failure, final=True)
         return _Attempt(loss_sum, failure, agreement)
 
-    def _agree(self, failure: Failure | None, final: bool) -> Agreement:
+    def _agree(self, failure: Failure | None, final: bool, in_last: bool = False) -> Agreement:
         """The agreement point: every rank reports ok / out of memory / error and proposes a micro-batch."""
         topo = self.topology
-        if failure is not None and self._collective_in_flight(failure):
+        if failure is not None and self._collective_in_flight(in_last):
             self._discard_accumulation()
             if failure.error is not None:
                 raise failure.error
@@ -297,13 +278,11 @@ class Trainer:
             touched = torch.tensor([id(p) in written for p in self._params], dtype=torch.int64)
         return topo.agree(code, proposal, touched)
 
-    def _collective_in_flight(self, failure: Failure) -> bool:
+    def _collective_in_flight(self, in_last: bool) -> bool:
         """Could another rank be waiting in a collective of the model's own (FSDP2 anywhere, DDP's
         overlapped all-reduce in the last micro-batch)? Then no agreement point can be reached."""
         topo = self.topology
-        if topo.kind == "fsdp2":
-            return True
-        return topo.kind == "ddp" and topo.sync == "overlap" and failure.index == len(self.plan.micro_batches) - 1
+        return topo.kind == "fsdp2" or (topo.kind == "ddp" and topo.sync == "overlap" and in_last)
 
     def _recover(self, attempt: _Attempt, events: list[str]) -> None:
         """Throw the attempt away; re-raise a real error; after an OOM lower the micro-batch (or give up)."""

@@ -81,23 +81,27 @@ def tensors_for(case: str, numel: int | None, device, dtype, scale: int = 1) -> 
 def accumulate_rows(case, numel, device, time_ms, copy_gbs, fast_backends, scale):
     rows = []
     for grad_dtype, assign in [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, False)]:
-        grads = tensors_for(case, numel, device, grad_dtype, scale)
-        accs = [torch.randn(g.shape, device=device) for g in grads]
-        n = sum(g.numel() for g in grads)
-        nbytes = n * (grad_dtype.itemsize + (4 if assign else 8))
-        label = f"accumulate {'assign' if assign else 'add'} {str(grad_dtype).replace('torch.', '')}"
-        variants = {f"autoaccum[{b}]": (lambda b=b: kernels.accumulate_(accs, grads, 0.37, assign=assign, backend=b))
-                    for b in fast_backends}
-        if assign:
-            variants["python loop"] = lambda: [a.copy_(g).mul_(0.37) for a, g in zip(accs, grads)]
-            variants["torch._foreach"] = lambda: (torch._foreach_copy_(accs, grads), torch._foreach_mul_(accs, 0.37))
-        else:
-            variants["python loop"] = lambda: [a.add_(g, alpha=0.37) for a, g in zip(accs, grads)]
-            variants["torch._foreach"] = lambda: torch._foreach_add_(accs, grads, alpha=0.37)
-            variants["deepspeed-style"] = lambda: [a.add_(g.to(torch.float32), alpha=0.37) for a, g in zip(accs, grads)]
-        rows += measure(label, case, n, nbytes, variants, time_ms, copy_gbs)
-        del grads, accs
+        rows += accumulate_case(grad_dtype, assign, case, numel, device, time_ms, copy_gbs, fast_backends, scale)
     return rows
+
+
+def accumulate_case(grad_dtype, assign, case, numel, device, time_ms, copy_gbs, fast_backends, scale):
+    """One dtype/mode; its tensors die on return, before the next case allocates."""
+    grads = tensors_for(case, numel, device, grad_dtype, scale)
+    accs = [torch.randn(g.shape, device=device) for g in grads]
+    n = sum(g.numel() for g in grads)
+    nbytes = n * (grad_dtype.itemsize + (4 if assign else 8))
+    label = f"accumulate {'assign' if assign else 'add'} {str(grad_dtype).replace('torch.', '')}"
+    variants = {f"autoaccum[{b}]": (lambda b=b: kernels.accumulate_(accs, grads, 0.37, assign=assign, backend=b))
+                for b in fast_backends}
+    if assign:
+        variants["python loop"] = lambda: [a.copy_(g).mul_(0.37) for a, g in zip(accs, grads)]
+        variants["torch._foreach"] = lambda: (torch._foreach_copy_(accs, grads), torch._foreach_mul_(accs, 0.37))
+    else:
+        variants["python loop"] = lambda: [a.add_(g, alpha=0.37) for a, g in zip(accs, grads)]
+        variants["torch._foreach"] = lambda: torch._foreach_add_(accs, grads, alpha=0.37)
+        variants["deepspeed-style"] = lambda: [a.add_(g.to(torch.float32), alpha=0.37) for a, g in zip(accs, grads)]
+    return measure(label, case, n, nbytes, variants, time_ms, copy_gbs)
 
 
 def finalize_rows(case, numel, device, time_ms, copy_gbs, fast_backends, scale):

@@ -142,27 +142,25 @@ def fsdp2(rank):
     return trained(model, trainer, rank, kind=trainer.topology.kind)
 
 
-def ddp_oom_step0(rank):
-    """OOM on rank 1 only, first attempt of step 0: both ranks retry at micro-batch 4."""
+def ddp_trained(rank, loss_fn, micro_batch):
     model = DDP(make_model())
     trainer = autoaccum.fit(model, 2 * PER_RANK, make_opt(model.parameters()), count_fn=count_tokens,
-                            loss_fn=OOMAt(rank=1, calls={2}), micro_batch=8, max_grad_norm=1.0)
+                            loss_fn=loss_fn, micro_batch=micro_batch, max_grad_norm=1.0)
     return trained(model.module, trainer, rank)
+
+
+def ddp_oom_step0(rank):
+    """OOM on rank 1 only, first attempt of step 0: both ranks retry at micro-batch 4."""
+    return ddp_trained(rank, OOMAt(rank=1, calls={2}), micro_batch=8)
 
 
 def ddp_clean_micro4(rank):
-    model = DDP(make_model())
-    trainer = autoaccum.fit(model, 2 * PER_RANK, make_opt(model.parameters()), count_fn=count_tokens,
-                            loss_fn=lm_loss, micro_batch=4, max_grad_norm=1.0)
-    return trained(model.module, trainer, rank)
+    return ddp_trained(rank, lm_loss, micro_batch=4)
 
 
 def ddp_oom_step1(rank):
-    """OOM on rank 0 at step 1 (call 2 + 2): a different split from then on; equal to rounding."""
-    model = DDP(make_model())
-    trainer = autoaccum.fit(model, 2 * PER_RANK, make_opt(model.parameters()), count_fn=count_tokens,
-                            loss_fn=OOMAt(rank=0, calls={4}), micro_batch=8, max_grad_norm=1.0)
-    return trained(model.module, trainer, rank)
+    """OOM on rank 0 at step 1 (its second micro-batch): a different split from then on; equal to rounding."""
+    return ddp_trained(rank, OOMAt(rank=0, calls={4}), micro_batch=8)
 
 
 def ddp_lockstep_oom(rank):

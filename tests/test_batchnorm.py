@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import autoaccum
-from helpers import max_abs_diff, mse_loss, regression_batch
+from helpers import mse_loss, regression_batch
 
 
 def bn_model(momentum=0.1):
