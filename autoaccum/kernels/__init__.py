@@ -68,8 +68,9 @@ def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
         from . import accumulate as tri
         tri.accumulate_(a_list, g_list, w, assign)
     else:
-        mod = cuda_ext.load()
-        mod.accumulate(a_list, g_list, w, bool(assign), torch.cuda.current_stream(a_list[0].device).cuda_stream)
+        device = a_list[0].device
+        with torch.cuda.device(device):   # the binding launches on the current device
+            cuda_ext.load().accumulate(a_list, g_list, w, bool(assign), torch.cuda.current_stream(device).cuda_stream)
 
 
 def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Tensor = 1.0,
@@ -93,10 +94,10 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
         from . import finalize as tri
         norm, found, _ = tri.finalize_(gs, inv.to(torch.float32).reshape(1), max_norm, apply)
         return norm, found
-    mod = cuda_ext.load()
     result = torch.empty(3, dtype=torch.float32, device=device)
-    mod.finalize(gs, inv.to(torch.float32).reshape(1), -1.0 if max_norm is None else float(max_norm),
-                 bool(apply), result, torch.cuda.current_stream(device).cuda_stream)
+    with torch.cuda.device(device):       # the binding launches on the current device
+        cuda_ext.load().finalize(gs, inv.to(torch.float32).reshape(1), -1.0 if max_norm is None else float(max_norm),
+                                 bool(apply), result, torch.cuda.current_stream(device).cuda_stream)
     return result[0], result[1]
 
 
