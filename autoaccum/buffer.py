@@ -11,11 +11,19 @@ autograd.
 Gradients are folded in buckets of ``bucket_bytes`` (one multi-tensor launch each) and at the end
 of every backward, so at most a bucket of low-precision gradients is alive at a time.
 
+The hooks act only inside :meth:`capturing` (the trainer's micro-batches, the probe's trials):
+a backward the user runs elsewhere, or another trainer on the same model, sees plain autograd.
+They hold the buffer weakly, so a buffer nobody references any more is freed and its hooks go
+with it; :meth:`remove` takes them off at once.
+
 At update time ``grads()`` exposes the views: for parameters of the buffer's dtype ``p.grad`` *is*
 the view (no copy); lower-precision parameters are handled by the trainer (a cast, or fp32
 master weights).
 """
 from __future__ import annotations
+
+import contextlib
+import weakref
 
 import torch
 from torch import nn
@@ -52,7 +60,16 @@ class GradBuffer:
         self._pending: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
         self._pending_bytes = 0
         self._flush_queued = False
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+        self.active = False
+        ref = weakref.ref(self)
+
+        def hook(p: torch.Tensor) -> None:
+            buffer = ref()
+            if buffer is not None and buffer.active:
+                buffer._on_grad(p)
+
+        self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in self.params]
+        self._finalizer = weakref.finalize(self, _remove_hooks, self._hooks)
 
     @property
     def nbytes(self) -> int:
@@ -65,6 +82,15 @@ class GradBuffer:
         self._pending.clear()
         self._pending_bytes = 0
         self._flush_queued = False
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """Within this block every fresh gradient of the buffer's parameters folds into it."""
+        previous, self.active = self.active, True
+        try:
+            yield self
+        finally:
+            self.active = previous
 
     def _on_grad(self, p: torch.Tensor) -> None:
         g = p.grad
@@ -117,6 +143,11 @@ class GradBuffer:
         self._fresh = {id(p) for p in self.params}
 
     def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        """Take the hooks off the parameters now (they also go when the buffer is freed)."""
+        self._finalizer()
+
+
+def _remove_hooks(hooks: list) -> None:
+    for h in hooks:
+        h.remove()
+    hooks.clear()

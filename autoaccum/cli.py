@@ -15,6 +15,10 @@ class CliError(Exception):
     """A user mistake on the command line: printed as one line, exit status 2."""
 
 
+_SHOW_TRACEBACK = False   # --traceback: let errors from user code through whole
+_HINT = ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -22,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         args.args = extra            # everything after 'bench' belongs to the benchmark script
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    global _SHOW_TRACEBACK, _HINT
+    _SHOW_TRACEBACK = bool(getattr(args, "traceback", False))
+    _HINT = " (--traceback shows the whole error)" if hasattr(args, "traceback") else ""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # keep stdout in order with the stderr progress line
     try:
@@ -70,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--estimate", action="store_true",
                        help="allocate nothing: dry-run on fake tensors for a GPU of --device-memory")
     probe.add_argument("--device-memory", default="80GiB", help="GPU memory for --estimate (default 80GiB)")
+    probe.add_argument("--traceback", action="store_true",
+                       help="on an error in your model, sample or loss, show the whole traceback")
     probe.set_defaults(run=_run_probe)
 
     bench = sub.add_parser("bench", help="kernel benchmarks against PyTorch's paths (needs a GPU and a source checkout)",
@@ -207,14 +216,17 @@ def _load(spec: str, flag: str) -> Any:
 
 
 def _user_errors(fn, what: str = "failed"):
-    """Run ``fn``; turn the user's errors (bad model, sample mismatch) into one line."""
+    """Run ``fn``, which runs the user's code (model factory, sample, loss); turn whatever it
+    raises into one line (``--traceback`` shows it whole)."""
     try:
         return fn()
     except CliError:
         raise
-    except (ValueError, TypeError, RuntimeError, ImportError) as e:
+    except Exception as e:
+        if _SHOW_TRACEBACK:
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CliError(f"{what}: {type(e).__name__}: {first}") from None
+        raise CliError(f"{what}: {type(e).__name__}: {first}".rstrip(": ") + _HINT) from None
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -5,9 +5,12 @@ data parallelism; its process group gives the world size. Every collective autoa
 an *agreement point* that every rank reaches whatever happened to it, so one rank's bad batch or
 out-of-memory error never leaves the others waiting in a collective:
 
-* before the first forward: the item counts (SUM) and whether any rank rejected its batch;
-* after the micro-batches (and, where the model itself communicates during forward, after each
-  one): did any rank fail, and the micro-batch each proposes (MIN); the gradients it touched;
+* before the first forward: the item counts (SUM) and whether any rank rejected its batch; then
+  DDP's broadcast of module buffers (BatchNorm statistics) from rank 0, which DDP itself would
+  run inside the first forward of the step, where one rank's OOM would leave the others waiting;
+* after the micro-batches (and, where the model itself communicates inside forward/backward -
+  SyncBatchNorm, or DDP's overlapped all-reduce - before and after each one): did any rank fail,
+  and the micro-batch each proposes (MIN); the gradients it touched;
 * DDP, ``sync="deferred"`` (the default): every micro-batch runs under ``no_sync()``; after the
   agreement, the fp32 gradient buffer is all-reduced in buckets. No collective runs inside a
   forward or backward, so an OOM anywhere is recoverable on every rank.
@@ -83,6 +86,12 @@ class Topology:
         else:
             self.world_size, self.rank, self.comm_device = 1, 0, torch.device("cpu")
         self.allreduces = 0   # collectives issued for gradients (tests count them)
+        # DDP broadcasts buffers from rank 0 in the forward after a synchronised backward; we do it
+        # at the start of each step instead, outside any forward (see sync_module_buffers).
+        self.broadcasts_buffers = (self.kind == "ddp" and bool(model.broadcast_buffers)
+                                   and any(True for _ in self._ddp_buffers()))
+        self.lockstep = self.kind == "ddp" and (
+            sync == "overlap" or any(isinstance(m, nn.SyncBatchNorm) for m in self.module.modules()))
 
     # ------------------------------------------------------------------ properties of the setup
     @property
@@ -101,16 +110,6 @@ class Topology:
         return self.kind == "ddp" and self.sync == "deferred"
 
     @property
-    def lockstep(self) -> bool:
-        """Agree after every micro-batch, because the model communicates inside its forward (DDP
-        buffer broadcast, SyncBatchNorm) or the last backward does (overlap): ranks must not drift
-        into a collective another rank will not reach."""
-        if self.kind != "ddp":
-            return False
-        sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in self.module.modules())
-        return self.sync == "overlap" or sync_bn or self.model.will_sync_module_buffers()
-
-    @property
     def recovers_oom(self) -> bool:
         return self.kind != "fsdp2"
 
@@ -119,11 +118,15 @@ class Topology:
     def micro_batch(self, last: bool):
         """Run one micro-batch with the right gradient synchronisation."""
         if self.kind == "ddp":
-            if self.sync == "overlap" and last:
-                yield
-            else:
-                with self.model.no_sync():
+            broadcast, self.model.broadcast_buffers = self.model.broadcast_buffers, False
+            try:
+                if self.sync == "overlap" and last:
                     yield
+                else:
+                    with self.model.no_sync():
+                        yield
+            finally:
+                self.model.broadcast_buffers = broadcast
         elif self.kind == "fsdp2":
             self.model.set_requires_gradient_sync(last)
             try:
@@ -171,6 +174,28 @@ class Topology:
         t = torch.tensor([value], dtype=torch.int64, device=self.comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t[0])
+
+    def sync_module_buffers(self) -> None:
+        """DDP's buffer broadcast from rank 0, once per step before the first forward (all ranks
+        are here after the batch agreement), coalesced per device and dtype."""
+        if not self.broadcasts_buffers:
+            return
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for b in self._ddp_buffers():
+            groups.setdefault((b.device, b.dtype), []).append(b)
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        with torch.no_grad():
+            for bufs in groups.values():
+                flat = torch.cat([b.reshape(-1) for b in bufs]).to(self.comm_device)
+                dist.broadcast(flat, src=src, group=self.group)
+                offset = 0
+                for b in bufs:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+
+    def _ddp_buffers(self):
+        ignored = getattr(self.model, "parameters_to_ignore", set())
+        return (b for name, b in self.module.named_buffers() if name not in ignored)
 
     # ------------------------------------------------------------------ deferred DDP gradient sync
     def all_reduce_buffer(self, flat_buffers: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> int:

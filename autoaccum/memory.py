@@ -81,6 +81,12 @@ def is_oom_error(exc: BaseException) -> bool:
             or is_cpu_out_of_memory(exc))
 
 
+def oom_message(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of an out-of-memory error, for logs and trial records (the message may be empty)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}".rstrip(": ")
+
+
 def drop_traceback(exc: BaseException) -> None:
     """Release the tensors an exception's traceback keeps alive through its frames' locals."""
     tb = exc.__traceback__

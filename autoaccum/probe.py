@@ -20,6 +20,7 @@ bitwise afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -42,7 +43,7 @@ from .buffer import GradBuffer
 from .checks import check_step_arguments
 from .loss import LossFn, compute_loss
 from .memory import (DeviceReading, NotEnoughMemoryError, drop_traceback, format_bytes, is_oom_error,
-                     parse_bytes, read_device, release_memory)
+                     oom_message, parse_bytes, read_device, release_memory)
 from .plan import check_positive_int
 from .tracker import LiveBytes, storage_bytes
 from .update import Updater
@@ -50,7 +51,7 @@ from .update import Updater
 DEFAULT_MAX_MICRO_BATCH = 1 << 16
 DEFAULT_MAX_TRIALS = 6
 STOP_GAIN = 0.02      # a further trial must promise at least 2% more samples
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 # ---------------------------------------------------------------- results
@@ -374,7 +375,7 @@ class TrialRunner:
         except Exception as e:
             if not is_oom_error(e):
                 raise
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            error = oom_message(e, 200)
             drop_traceback(e)
             del e
             trial = None
@@ -542,13 +543,13 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
             meter = _TrackerMeter(tracker)
         runner = TrialRunner(model, optimizer, make_batch, loss_fn, amp, dev, meter, buffer,
                              Updater(master_weights))
-        if tracker is not None:
-            with tracker:
-                best, trials, mem_model, head = search(runner, limit, cap, headroom=fixed_headroom,
-                                                       allocator=False, max_trials=max_trials)
-        else:
+        with contextlib.ExitStack() as stack:
+            if buffer is not None:
+                stack.enter_context(buffer.capturing())
+            if tracker is not None:
+                stack.enter_context(tracker)
             best, trials, mem_model, head = search(runner, limit, cap, headroom=fixed_headroom,
-                                                   allocator=True, max_trials=max_trials)
+                                                   allocator=tracker is None, max_trials=max_trials)
     finally:
         if buffer is not None:
             buffer.remove()
@@ -596,8 +597,12 @@ def sample_factory(sample: Any) -> tuple[Callable[[int], Any], Any]:
     if sample is None:
         raise ValueError("sample is required: one batch (any number of samples) or a callable sample(n)")
     if callable(sample) and not isinstance(sample, (torch.Tensor, dict, list, tuple)):
-        return sample, {"callable": _qualname(sample), "source": _source_hash(sample),
-                        "one": batching.describe(sample(1), name="sample")}
+        streams = rng.capture()      # sample(1) may draw random numbers; the probe leaves them as they were
+        try:
+            one = batching.describe(sample(1), name="sample")
+        finally:
+            rng.restore(streams)
+        return sample, {"callable": _qualname(sample), "source": _source_hash(sample), "one": one}
     batching.batch_size(sample, name="sample")  # validates leaves with clear errors
     return (lambda n: batching.tile(sample, n)), {"batch": batching.describe(sample, name="sample")}
 
@@ -633,7 +638,8 @@ def cache_key(model, sample_desc, optimizer, amp, loss_fn, reading: DeviceReadin
         "model": [_qualname(type(model)), model.training,
                   [[n, list(p.shape), str(p.dtype), p.requires_grad] for n, p in model.named_parameters()],
                   [[n, list(b.shape), str(b.dtype)] for n, b in model.named_buffers()],
-                  [[_qualname(c), _source_hash(c)] for c in classes]],
+                  [[_qualname(c), _source_hash(c)] for c in classes],
+                  [[n, _settings(m)] for n, m in model.named_modules()]],
         "sample": sample_desc, "optimizer": opt, "amp": str(amp),
         "loss_fn": [_qualname(loss_fn), _source_hash(loss_fn)] if loss_fn is not None else None,
         "device": [reading.name, reading.total_bytes], "limit": limit,
@@ -661,9 +667,13 @@ def _cache_load(key: str) -> ProbeResult | None:
     if entry is None:
         return None
     try:
-        return ProbeResult.from_dict(entry)
-    except (KeyError, TypeError):
+        result = ProbeResult.from_dict(entry)
+    except (KeyError, TypeError, ValueError):
         return None
+    best = result.max_micro_batch
+    if isinstance(best, bool) or not isinstance(best, int) or best < 1:
+        return None   # a damaged entry: probe again
+    return result
 
 
 def _cache_store(key: str, result: ProbeResult) -> None:
@@ -681,6 +691,20 @@ def _cache_store(key: str, result: ProbeResult) -> None:
         os.replace(tmp, path)  # atomic: concurrent ranks never see a torn file
     except OSError:
         pass  # a read-only home is no reason to fail training
+
+
+def _settings(module: nn.Module) -> dict:
+    """A module's plain public settings (``p`` of dropout, ``eps``, ``gradient_checkpointing``,
+    ``use_cache``...): flags that change memory without changing any parameter shape."""
+    out = {}
+    for k, v in vars(module).items():
+        if k.startswith("_"):
+            continue
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, (tuple, list)) and all(x is None or isinstance(x, (bool, int, float, str)) for x in v):
+            out[k] = list(v)
+    return out
 
 
 def _qualname(obj: Any) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import drop_traceback, format_bytes, is_oom_error, read_device
+from .memory import drop_traceback, format_bytes, is_oom_error, oom_message, read_device
 
 log = logging.getLogger("autoaccum")
 
@@ -26,23 +26,27 @@ class Failure:
     size: int                       # its number of samples
     oom: bool
     message: str
-    error: BaseException | None = None   # kept only for non-OOM errors, to re-raise unchanged
+    error: BaseException | None = None   # the error itself, re-raised unchanged when not recovered
 
 
 def classify(exc: BaseException, index: int, size: int) -> Failure:
-    """Turn an exception from a micro-batch into a Failure; an OOM's frames are released at once."""
+    """Turn an exception from a micro-batch into a Failure; an OOM's frames (and the tensors they
+    hold) are released at once, the error object itself is kept to re-raise if needed."""
     if is_oom_error(exc):
-        message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
         drop_traceback(exc)
-        return Failure(index, size, True, message)
+        return Failure(index, size, True, oom_message(exc), exc)
     return Failure(index, size, False, f"{type(exc).__name__}: {exc}", exc)
 
 
-def smaller_micro_batch(failure: Failure, limit: int, probe_result, device: torch.device) -> int:
-    """At most half the size that failed, and no more than the memory model says fits now.
+def smaller_micro_batch(failure: Failure, limit: int, probe_result, device: torch.device,
+                        last_good: int | None = None) -> int:
+    """At most half the size that failed, and no more than the memory model says fits now; right
+    after a regrowth, the size that ran cleanly before it (``last_good``) instead.
 
     Returns 0 when even one sample ran out of memory.
     """
+    if last_good is not None and last_good < failure.size:
+        return min(limit, last_good)
     proposal = min(limit, failure.size // 2)
     model = getattr(probe_result, "memory_model", None)
     if model is not None and proposal > 0 and device.type == "cuda":
@@ -54,46 +58,58 @@ def smaller_micro_batch(failure: Failure, limit: int, probe_result, device: torc
     return proposal
 
 
-def not_enough_memory_message(failure: Failure, rank: int, device: torch.device, probe_result) -> str:
+def not_enough_memory_message(failure: Failure | None, rank: int, device: torch.device, probe_result) -> str:
+    """Why training cannot go on: one sample does not fit (here, or on another rank: ``failure`` None)."""
     reading = read_device(device)
     needed = ""
     model = getattr(probe_result, "memory_model", None)
     if model is not None:
         needed = f"; the memory model predicts {format_bytes(model.peak(1))} for one sample"
-    return (f"a micro-batch of {failure.size} sample(s) ran out of memory on rank {rank} ({failure.message}){needed}; "
-            f"{format_bytes(reading.usable_bytes)} is usable on {reading.name}. Free memory (other processes), "
+    where = (f"a micro-batch of {failure.size} sample(s) ran out of memory on rank {rank} ({failure.message})"
+             if failure is not None else "a micro-batch of 1 sample ran out of memory on another rank (its error says "
+                                         "how much it needed)")
+    return (f"{where}{needed}; "
+            f"{format_bytes(reading.usable_bytes)} is usable on {reading.name} (rank {rank}). Free memory (other processes), "
             f"shorten the sequences, use amp_dtype=torch.bfloat16 or activation checkpointing")
 
 
 class Regrow:
-    """After ``after`` clean steps below the original micro-batch, try 25% more; back off after an OOM.
+    """After ``after`` clean steps below the original micro-batch, try one accumulation step fewer.
 
-    An OOM right after a regrowth doubles the wait, so a size that keeps failing is tried ever
-    more rarely; any OOM restarts the count of clean steps.
+    One step fewer is the smallest growth that changes the split (a larger limit that leaves the
+    split as it was would prove nothing). An OOM right after a regrowth goes back to the size
+    that ran cleanly (``last_good``) and doubles the wait, so a size that keeps failing is tried
+    ever more rarely; any OOM restarts the count of clean steps.
     """
 
     def __init__(self, after: int | None):
         self.after = after
         self.wait = after
         self.clean = 0
-        self.just_grew = False
+        self.last_good: int | None = None   # set while a regrowth is on trial
 
-    def proposal(self, current: int, original: int) -> int | None:
-        """Called before a step: a larger micro-batch to try, or None."""
-        self.just_grew = False
+    def proposal(self, current: int, original: int, per_rank_batch: int) -> int | None:
+        """Called before a step: a larger micro-batch limit to try, or None."""
+        self.last_good = None
         if self.after is None or current >= original:
             return None
         self.clean += 1
         if self.clean <= self.wait:
             return None
         self.clean = 0
-        self.just_grew = True
-        return min(original, max(current + 1, int(current * 1.25)))
+        steps = -(-per_rank_batch // current)
+        if steps <= 1:
+            return None
+        grown = -(-per_rank_batch // (steps - 1))   # the smallest limit that runs steps - 1 micro-batches
+        if grown > original:
+            return None
+        self.last_good = current
+        return grown
 
     def out_of_memory(self) -> None:
         if self.after is None:
             return
-        if self.just_grew:
+        if self.last_good is not None:
             self.wait *= 2
         self.clean = 0
-        self.just_grew = False
+        self.last_good = None

@@ -22,9 +22,11 @@ and token-mean losses over padded sequences give the full-batch update.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +76,52 @@ class _Attempt:
     agreement: Agreement
 
 
+class PeerStopped(BaseException):
+    """Raised in the pre-forward hook when another rank reported a failure: this micro-batch ends
+    here, before the model's collectives the failed rank will not join. (A BaseException, so a
+    broad ``except Exception`` in a ``loss_fn`` does not swallow it.)"""
+
+
+class _PreForward:
+    """In lockstep: an agreement right before each forward of the DDP module, as a forward pre-hook
+    that runs ahead of DDP's own (which may broadcast or rebuild buckets). Inert unless armed."""
+
+    def __init__(self, model: nn.Module, agree: Callable[[], Agreement] | None):
+        self.agree = agree
+        self.active = False
+        self.forwards = 0                       # forwards begun in the current micro-batch
+        self.stopped: Agreement | None = None   # the agreement that reported another rank's failure
+        self._handle = None
+        if agree is not None:
+            me = weakref.ref(self)
+
+            def hook(module, args):
+                pre = me()
+                if pre is not None and pre.active:
+                    pre._meet()
+            self._handle = model.register_forward_pre_hook(hook, prepend=True)
+            weakref.finalize(self, self._handle.remove)
+
+    def _meet(self) -> None:
+        self.forwards += 1
+        agreement = self.agree()
+        if agreement.failed:
+            self.stopped, self.active = agreement, False
+            raise PeerStopped()
+
+    @contextlib.contextmanager
+    def armed(self):
+        self.active, self.stopped, self.forwards = self._handle is not None, None, 0
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+
 class Trainer:
     """Runs optimizer steps of ``plan.target_batch`` samples in micro-batches.
 
@@ -110,6 +158,8 @@ class Trainer:
         self._params = _unique(p for p in model.parameters() if p.requires_grad)
         self.buffer = GradBuffer(self._params, accum_dtype, backend=backend) if accum_dtype is not None else None
         self.updater = Updater(master_weights)
+        self._lockstep = _PreForward(model, (lambda: self._agree(None, final=False)) if self.topology.lockstep else None)
+        self.closed = False
 
     # ------------------------------------------------------------------ one optimizer step
     def step(self, batch: Any) -> StepStats:
@@ -120,13 +170,17 @@ class Trainer:
         on it would be. Parameters, optimizer, scheduler, loss scale and the random streams change
         only through a successful pass over the whole batch.
         """
+        if self.closed:
+            raise RuntimeError("this Trainer was closed (its gradient buffer is gone); make a new one with autoaccum.fit")
         started = time.perf_counter()
         events: list[str] = []
+        plan = self.plan
         self._maybe_regrow(events)
         n, counts, total = self._prepare(batch)
         streams = rng.capture()
         retries = 0
         try:
+            self.topology.sync_module_buffers()         # DDP's buffer broadcast, at a point every rank reaches
             while True:
                 attempt = self._attempt(batch, n, counts, total)
                 if attempt.failure is None and not attempt.agreement.failed:
@@ -137,6 +191,8 @@ class Trainer:
                 _, counts, _ = self._prepare(batch)     # the new split's counts; the total is the same
         except BaseException:
             self._discard_accumulation()                # nothing half-accumulated survives an error
+            rng.restore(streams)
+            self.plan = plan                            # a step that failed leaves the plan as it found it
             raise
 
         self._running_stats.end()
@@ -219,7 +275,16 @@ class Trainer:
 
     def _attempt(self, batch: Any, n: int, counts: list[float], total: float) -> _Attempt:
         """Forward and backward every micro-batch; stop at the first failure (here or, in lockstep,
-        on another rank) and report it at the agreement point."""
+        on another rank) and report it at an agreement point.
+
+        Agreements are collectives of one shape, and every rank stops issuing them after the first
+        that reports a failure, so ranks pair them up one to one whatever happened where. Without
+        lockstep there is one, at the end. In lockstep (the model itself communicates inside
+        forward/backward: DDP's overlapped all-reduce, SyncBatchNorm) there is also one right
+        before each forward of the DDP module (a pre-hook) and one after each backward: a rank
+        that fails before its forward (moving inputs, in ``loss_fn`` before the model) meets the
+        others at that pre-forward point, not inside a collective of the model's.
+        """
         topo = self.topology
         self._zero_grad()
         if self.buffer is not None:
@@ -227,62 +292,89 @@ class Trainer:
         parts = batching.split(batch, self._sizes(n))
         live = [i for i, c in enumerate(counts) if c > 0]
         self._running_stats.begin(len(live))
-        loss_sum, failure, agreement = None, None, None
-        for i in live:
-            last = i == live[-1]
-            share = counts[i] / total
-            try:
-                with topo.micro_batch(last):
-                    loss = compute_loss(self.model, batching.to_device(parts[i], self.device), self.loss_fn,
-                                        self.device, self.amp_dtype, i)
-                    weight = share * topo.loss_factor
-                    if self.buffer is not None:
-                        self.buffer.weight = weight        # the accumulate kernel applies it, in fp32
-                        self._backward(loss)
-                    else:
-                        self._backward(loss * weight)
-                loss_sum = loss.detach() * share if loss_sum is None else loss_sum + loss.detach() * share
-                del loss
-            except Exception as e:  # noqa: BLE001 - classified: OOM is recovered, anything else re-raised
-                failure = classify(e, i, batching.batch_size(parts[i]))
-                del e           # with its frames gone, a half-run graph dies when this attempt returns
-            if failure is not None or (topo.lockstep and not (last and topo.sync == "overlap")):
-                agreement = self._agree(failure, final=last or failure is not None, in_last=last)
-                if failure is not None or agreement.failed:
+        loss_sum, failure, in_flight = None, None, False
+        buffer = self.buffer.capturing() if self.buffer is not None else contextlib.nullcontext()
+        with buffer, self._lockstep.armed() as lockstep:
+            for i in live:
+                last = i == live[-1]
+                lockstep.forwards = 0
+                part, failure = self._inputs(parts[i], i)
+                if failure is None:
+                    share = counts[i] / total
+                    loss, failure = self._forward_backward(part, i, last, share)
+                    if lockstep.stopped is not None:        # another rank failed: it met us before our forward
+                        return _Attempt(loss_sum, failure, lockstep.stopped)
+                    if loss is not None:
+                        loss_sum = loss * share if loss_sum is None else loss_sum + loss * share
+                del part
+                if failure is not None:
+                    in_flight = self._collective_in_flight(last, lockstep.forwards > 0)
                     break
-        if agreement is None:
-            agreement = self._agree(failure, final=True)
-        return _Attempt(loss_sum, failure, agreement)
+                if topo.lockstep and not (last and topo.sync == "overlap"):
+                    agreement = self._agree(None, final=last)
+                    if agreement.failed or last:
+                        return _Attempt(loss_sum, None, agreement)
+        return _Attempt(loss_sum, failure, self._agree(failure, final=True, in_flight=in_flight))
 
-    def _agree(self, failure: Failure | None, final: bool, in_last: bool = False) -> Agreement:
+    def _inputs(self, part: Any, index: int) -> tuple[Any, Failure | None]:
+        """The micro-batch on the device (an OOM here is a failure like any other)."""
+        try:
+            return batching.to_device(part, self.device), None
+        except Exception as e:  # noqa: BLE001 - classified: OOM is recovered, anything else re-raised
+            return None, classify(e, index, batching.batch_size(part))
+
+    def _forward_backward(self, part: Any, index: int, last: bool,
+                          share: float) -> tuple[torch.Tensor | None, Failure | None]:
+        """One micro-batch, weighted by its share of the batch's items: (its detached loss, failure)."""
+        topo = self.topology
+        try:
+            with topo.micro_batch(last):
+                loss = compute_loss(self.model, part, self.loss_fn, self.device, self.amp_dtype, index)
+                weight = share * topo.loss_factor
+                if self.buffer is not None:
+                    self.buffer.weight = weight        # the accumulate kernel applies it, in fp32
+                    self._backward(loss)
+                else:
+                    self._backward(loss * weight)
+            return loss.detach(), None
+        except PeerStopped:
+            return None, None
+        except Exception as e:  # noqa: BLE001 - classified: OOM is recovered, anything else re-raised
+            failure = classify(e, index, batching.batch_size(part))
+            del e, part     # with its frames gone, a half-run graph dies when this returns
+            return None, failure
+
+    def _agree(self, failure: Failure | None, final: bool, in_flight: bool = False) -> Agreement:
         """The agreement point: every rank reports ok / out of memory / error and proposes a micro-batch."""
         topo = self.topology
-        if failure is not None and self._collective_in_flight(in_last):
+        if failure is not None and in_flight:
             self._discard_accumulation()
-            if failure.error is not None:
+            if not failure.oom:
                 raise failure.error
             raise RuntimeError(f"out of memory in micro-batch {failure.index} ({failure.message}) while other ranks "
                                f"may be inside {'FSDP2' if topo.kind == 'fsdp2' else 'DDP'} collectives, so they "
                                f"cannot be brought back to a common point: "
                                + ("restart with a smaller micro_batch" if topo.kind == "fsdp2"
-                                  else "use sync='deferred' (the default) to recover from this"))
+                                  else "use sync='deferred' (the default) to recover from this")) from failure.error
         if topo.kind == "fsdp2":
             return Agreement(0, self.plan.micro_batch)   # nothing to agree on: FSDP2 syncs itself
         code = 0 if failure is None else (1 if failure.oom and self.oom_retry else 2)
         proposal = self.plan.micro_batch
         if code == 1:
-            proposal = smaller_micro_batch(failure, self.plan.micro_batch, self.probe_result, self.device)
+            proposal = smaller_micro_batch(failure, self.plan.micro_batch, self.probe_result, self.device,
+                                           last_good=self._regrow.last_good)
         touched = None
-        if final and topo.syncs_buffer:
-            written = {id(p) for p, _ in self.buffer.written()} if failure is None else set()
+        if topo.syncs_buffer:   # every agreement has this shape; only the final one of a clean attempt says much
+            written = {id(p) for p, _ in self.buffer.written()} if final and failure is None else set()
             touched = torch.tensor([id(p) in written for p in self._params], dtype=torch.int64)
         return topo.agree(code, proposal, touched)
 
-    def _collective_in_flight(self, in_last: bool) -> bool:
-        """Could another rank be waiting in a collective of the model's own (FSDP2 anywhere, DDP's
-        overlapped all-reduce in the last micro-batch)? Then no agreement point can be reached."""
+    def _collective_in_flight(self, last: bool, forward_started: bool) -> bool:
+        """After a failure: could another rank be waiting in a collective of the model's own (FSDP2
+        anywhere; DDP's overlapped all-reduce once the last micro-batch's forward began)? Then no
+        agreement point can be reached."""
         topo = self.topology
-        return topo.kind == "fsdp2" or (topo.kind == "ddp" and topo.sync == "overlap" and in_last)
+        return topo.kind == "fsdp2" or (topo.kind == "ddp" and topo.sync == "overlap" and last and forward_started)
 
     def _recover(self, attempt: _Attempt, events: list[str]) -> None:
         """Throw the attempt away; re-raise a real error; after an OOM lower the micro-batch (or give up)."""
@@ -291,14 +383,11 @@ class Trainer:
         self._discard_accumulation()
         release_memory(self.device)
         if failure is not None and (not failure.oom or not self.oom_retry):
-            if failure.error is not None:
-                raise failure.error
-            raise torch.OutOfMemoryError(failure.message)
+            raise failure.error    # the error as raised (an OOM's traceback was dropped to free its tensors)
         if agreement.failed == 2:
             raise PeerFailure("another rank failed in this step (its error says why); this rank stops too")
         if agreement.proposal < 1:
-            where = failure if failure is not None else Failure(0, 1, True, "on another rank")
-            raise NotEnoughMemoryError(not_enough_memory_message(where, self.topology.rank, self.device,
+            raise NotEnoughMemoryError(not_enough_memory_message(failure, self.topology.rank, self.device,
                                                                  self.probe_result))
         self._regrow.out_of_memory()
         self.oom_retries += 1
@@ -312,7 +401,7 @@ class Trainer:
         log.warning("autoaccum: %s", message)
 
     def _maybe_regrow(self, events: list[str]) -> None:
-        grown = self._regrow.proposal(self.plan.micro_batch, self.max_micro_batch)
+        grown = self._regrow.proposal(self.plan.micro_batch, self.max_micro_batch, self.plan.per_rank_batch)
         if grown is not None:
             grown = self.topology.agree_min(grown)
             message = f"regrowing the micro-batch from {self.plan.micro_batch} to {grown} after clean steps"
@@ -414,6 +503,15 @@ class Trainer:
         for p in self._params:
             p.grad = None
         self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Take the gradient buffer's hooks off the parameters and free the buffer. They are inert
+        outside :meth:`step` and go when the trainer is garbage-collected; this makes it immediate."""
+        if self.buffer is not None:
+            self.buffer.remove()
+            self.buffer = None
+        self._lockstep.remove()
+        self.closed = True
 
     # ------------------------------------------------------------------ convenience loop
     def train(self, loader: Iterable, epochs: int = 1, *, max_steps: int | None = None,

@@ -163,18 +163,39 @@ def ddp_oom_step1(rank):
     return ddp_trained(rank, OOMAt(rank=0, calls={4}), micro_batch=8)
 
 
-def ddp_lockstep_oom(rank):
-    """A model with BatchNorm: DDP broadcasts buffers in every forward, so ranks agree per micro-batch."""
+def ddp_bn_oom(rank):
+    """A model with BatchNorm, whose buffers DDP would broadcast inside a forward, and OOMs on rank 1
+    raised in loss_fn *before* the model is called (as when moving inputs), where rank 0 would
+    otherwise sit in DDP's broadcast (or its bucket rebuild, in overlap) and never come back.
+
+    cases: (sync, OOM call on rank 1, micro-batch limit per step of the clean twin)."""
     def loss(model, batch):
         logits = model(batch["input_ids"])
         return nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
+    cases = {"deferred_first": ("deferred", 1, [4, 4, 4]),       # step 0, micro-batch 0: DDP's first forward
+             "overlap_step1": ("overlap", 3, [8, 4, 4]),         # step 1, micro-batch 0: after a synced backward
+             "overlap_last": ("overlap", 2, [4, 4, 4])}          # step 0, the last micro-batch, before its forward
     out = {}
-    for label, injector in (("clean", loss), ("faulty", OOMAt(rank=1, calls={2}, base=loss))):
-        model = DDP(make_model("bn"))
-        trainer = autoaccum.fit(model, 2 * PER_RANK, make_opt(model.parameters()), count_fn=count_tokens,
-                                loss_fn=injector, micro_batch=8 if label == "faulty" else 4, batchnorm="micro")
-        out[label] = trained(model.module, trainer, rank, lockstep=trainer.topology.lockstep)
-        out[label]["running_mean"] = model.module[3].running_mean.clone()
+    for case, (sync, call, limits) in cases.items():
+        for label in ("clean", "faulty"):
+            model = DDP(make_model("bn"))
+            injector = OOMAt(rank=1, calls={call} if label == "faulty" else set(), base=loss)
+            trainer = autoaccum.fit(model, 2 * PER_RANK, make_opt(model.parameters()), count_fn=count_tokens,
+                                    loss_fn=injector, micro_batch=8 if label == "faulty" else limits[0],
+                                    batchnorm="micro", sync=sync)
+            first_forward = []
+            model.module.register_forward_pre_hook(
+                lambda m, a: first_forward.append(m[3].running_mean.clone()) if injector.n in starts else None)
+            stats = []
+            for s in range(STEPS):
+                if label == "clean":
+                    trainer.set_micro_batch(limits[s])
+                starts = {injector.n + 1}      # the first loss_fn call of this step
+                st = trainer.step(rank_batch(s, rank))
+                stats.append({"retries": st.oom_retries, "limit": st.micro_batch_limit, "events": st.events})
+            out[(case, label)] = {"params": params_of(model.module), "stats": stats, "lockstep": trainer.topology.lockstep,
+                                  "running_mean": model.module[3].running_mean.clone(),
+                                  "step_start_running_mean": first_forward}
     return out
 
 
@@ -238,7 +259,7 @@ def _error_of(fn) -> tuple[str, str] | None:
 
 
 SCENARIOS = {f.__name__: f for f in (ddp_deferred, ddp_overlap, fsdp2, ddp_oom_step0, ddp_clean_micro4,
-                                      ddp_oom_step1, ddp_lockstep_oom, peer_error, bad_batch, probe_agree,
+                                      ddp_oom_step1, ddp_bn_oom, peer_error, bad_batch, probe_agree,
                                       fsdp2_oom, plain_model)}
 
 

@@ -24,7 +24,8 @@ def test_views_share_one_aligned_buffer_and_hooks_fold_gradients():
     buf.begin_step()
     for w in (0.25, 0.75):
         buf.weight = w
-        mse_loss(model, (x, y)).backward()
+        with buf.capturing():
+            mse_loss(model, (x, y)).backward()
         assert all(p.grad is None for p in params), "the hook frees autograd's gradient at once"
     ref = copy.deepcopy(model)
     mse_loss(ref, (x, y)).backward()
@@ -33,13 +34,52 @@ def test_views_share_one_aligned_buffer_and_hooks_fold_gradients():
     buf.remove()
 
 
+def test_hooks_are_inert_outside_capturing_and_go_with_the_buffer():
+    """A backward the user runs outside a step sees plain autograd; a dropped buffer frees itself."""
+    import gc
+    import weakref
+    model = mlp(torch.float32)
+    buf = GradBuffer(list(model.parameters()), torch.float32)
+    buf.begin_step()
+    mse_loss(model, regression_batch(4, torch.float32)).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert buf.written() == []
+    gone = weakref.ref(buf)
+    del buf
+    gc.collect()
+    assert gone() is None, "the parameters' hooks must not keep the buffer (and its memory) alive"
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def test_a_second_trainer_on_the_same_model_trains_like_the_first():
+    """fit() twice on one model (e.g. a new run after a probe or a restart): the old trainer's
+    hooks must not take the new one's gradients."""
+    make = lambda: mlp(torch.bfloat16)
+    opt_for = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)
+    model = make()
+    fresh = copy.deepcopy(model)
+    old = autoaccum.fit(model, 16, opt_for(model), loss_fn=mse_loss, micro_batch=8)
+    old.step(regression_batch(16, torch.bfloat16, seed=0))
+    fresh.load_state_dict(model.state_dict())
+    batch = regression_batch(16, torch.bfloat16, seed=1)
+    new = autoaccum.fit(model, 16, opt_for(model), loss_fn=mse_loss, micro_batch=8)
+    stats = new.step(batch)
+    ref = autoaccum.fit(fresh, 16, opt_for(fresh), loss_fn=mse_loss, micro_batch=8).step(batch)
+    assert stats.loss == ref.loss and max_abs_diff(model, fresh) == 0
+    old.close()
+    assert new.step(batch).loss < stats.loss
+    with pytest.raises(RuntimeError, match="closed"):
+        old.step(batch)
+
+
 def test_a_parameter_without_gradient_gets_none_and_the_first_contribution_assigns():
     model = nn.ModuleDict({"used": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
     buf = GradBuffer(list(model.parameters()), torch.float32)
     for step in range(2):
         buf.begin_step()
         buf.weight = 1.0
-        model["used"](torch.randn(3, 4)).sum().backward()
+        with buf.capturing():
+            model["used"](torch.randn(3, 4)).sum().backward()
         written = {id(p) for p, _ in buf.written()}
         assert written == {id(p) for p in model["used"].parameters()}
         # the second step's values are that step's gradient only: assign, not add
@@ -54,7 +94,8 @@ def test_small_buckets_flush_during_backward_with_the_same_result():
         buf = GradBuffer(list(model.parameters()), torch.float32, bucket_bytes=bucket)
         buf.begin_step()
         buf.weight = 0.5
-        mse_loss(model, (x, y)).backward()
+        with buf.capturing():
+            mse_loss(model, (x, y)).backward()
         results.append([v.clone() for _, v in buf.written()])
         buf.remove()
     assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -89,8 +130,9 @@ def test_bf16_model_64_micro_batches_fp32_buffer_beats_autograd_accumulation():
     buf = GradBuffer(list(buffered.parameters()), torch.float32)
     buf.begin_step()
     buf.weight = w
-    for x, y in zip(xs, ys):
-        F.mse_loss(buffered(x), y).backward()
+    with buf.capturing():
+        for x, y in zip(xs, ys):
+            F.mse_loss(buffered(x), y).backward()
 
     def rel_err(grads):
         num = sum((g.double() - r).norm() ** 2 for g, r in zip(grads, ref)) ** 0.5

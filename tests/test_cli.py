@@ -59,6 +59,9 @@ def wrong_sample(n):
 
 def not_a_model():
     return 3
+
+def broken_sample(n):
+    return {"x": {}["missing"]}
 '''
 
 
@@ -102,11 +105,20 @@ def test_probe_command_estimates_without_allocating(tmp_path, monkeypatch, capsy
     (["--model", "mymodels:not_a_model", "--sample", "mymodels:sample"], "not a torch.nn.Module"),
     (["--model", "mymodels:build", "--sample", "mymodels:wrong_sample"], "shapes cannot be multiplied"),
     (["--model", "./missing.py:build", "--sample", "mymodels:sample"], "no such file"),
+    (["--model", "mymodels:build", "--sample", "mymodels:broken_sample"], "KeyError: 'missing'"),
+    (["--model", "mymodels:build", "--sample", "mymodels:sample", "--device", "cuda:7"], "cannot move the model"),
+    (["--model", "mymodels:build", "--sample", "mymodels:sample", "--plot", "no/such/dir/mem.png"], "plot"),
 ])
 def test_probe_command_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
     r = probe_cli(tmp_path, monkeypatch, capsys, *args, "--target-batch", "64", "--memory-budget", "8MiB")
     assert r.returncode == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_probe_command_traceback_flag_shows_the_whole_error(tmp_path, monkeypatch, capsys):
+    with pytest.raises(KeyError, match="missing"):
+        probe_cli(tmp_path, monkeypatch, capsys, "--model", "mymodels:build", "--sample", "mymodels:broken_sample",
+                  "--target-batch", "64", "--memory-budget", "8MiB", "--traceback")
 
 
 def test_demo_probes_by_default(capsys):

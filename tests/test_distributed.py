@@ -99,7 +99,7 @@ def test_overlapped_ddp_all_reduces_one_per_bucket_per_step(exactness):
 
 @pytest.fixture(scope="module")
 def recovery(tmp_path_factory):
-    return run_group(["ddp_oom_step0", "ddp_clean_micro4", "ddp_oom_step1", "ddp_lockstep_oom"],
+    return run_group(["ddp_oom_step0", "ddp_clean_micro4", "ddp_oom_step1", "ddp_bn_oom"],
                      tmp_path_factory.mktemp("oom"))
 
 
@@ -119,13 +119,20 @@ def test_oom_later_in_training_matches_to_rounding(recovery):
         assert max_diff(res["params"], ref_params) <= 1e-12
 
 
-def test_lockstep_model_recovers_without_deadlock(recovery):
+@pytest.mark.parametrize("case", ["deferred_first", "overlap_step1", "overlap_last"])
+def test_oom_before_the_forward_of_a_model_with_buffers_recovers_without_deadlock(recovery, case):
+    """DDP would broadcast BatchNorm buffers (or rebuild buckets) inside the forward that rank 1
+    never starts; autoaccum broadcasts at the step's start and, in lockstep, meets before it."""
     for rank in range(2):
-        res = recovery["ddp_lockstep_oom"][rank]
-        assert res["faulty"]["lockstep"], "DDP broadcasts BatchNorm buffers in forward: ranks agree per micro-batch"
-        assert res["faulty"]["stats"][0]["retries"] == 1
-        assert all(torch.equal(a, b) for a, b in zip(res["faulty"]["params"], res["clean"]["params"]))
-        assert torch.equal(res["faulty"]["running_mean"], res["clean"]["running_mean"])
+        faulty, clean = recovery["ddp_bn_oom"][rank][(case, "faulty")], recovery["ddp_bn_oom"][rank][(case, "clean")]
+        assert faulty["lockstep"] == case.startswith("overlap")
+        assert sum(st["retries"] for st in faulty["stats"]) == 1
+        assert [st["limit"] for st in faulty["stats"]] == [st["limit"] for st in clean["stats"]]
+        assert all(torch.equal(a, b) for a, b in zip(faulty["params"], clean["params"])), (case, rank)
+        assert torch.equal(faulty["running_mean"], clean["running_mean"])
+    for case_rank0, case_rank1 in zip(*(recovery["ddp_bn_oom"][r][(case, "clean")]["step_start_running_mean"]
+                                        for r in range(2))):
+        assert torch.equal(case_rank0, case_rank1), "every step starts from rank 0's buffers, as under DDP"
 
 
 @pytest.fixture(scope="module")

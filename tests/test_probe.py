@@ -126,6 +126,58 @@ def test_callable_sample_and_cap():
     assert any("no optimizer" in n for n in result.notes)
 
 
+def test_a_callable_sample_that_draws_random_numbers_leaves_the_rng_as_it_was(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOACCUM_CACHE_DIR", str(tmp_path))
+    model = mlp()
+    for _ in range(2):            # a miss, then a hit: neither moves the stream
+        torch.manual_seed(7)
+        expected = torch.rand(4)
+        torch.manual_seed(7)
+        autoaccum.probe(model, lambda n: regression_batch(n, seed=int(torch.randint(100, ())) + n),
+                        loss_fn=mse_loss, memory_budget="4MiB")
+        assert torch.equal(torch.rand(4), expected)
+
+
+def test_an_oom_with_an_empty_message_is_a_failed_trial():
+    """Python's MemoryError usually carries no message."""
+    model = mlp()
+
+    def loss_fn(m, b):
+        if b[0].shape[0] > 40:
+            raise MemoryError()
+        return mse_loss(m, b)
+    result = autoaccum.probe(model, regression_batch(4), loss_fn=loss_fn, memory_budget="64MiB", cache=False,
+                             max_micro_batch=64, max_trials=10)
+    assert 30 <= result.max_micro_batch <= 40
+    assert any(t.oom and t.error == "MemoryError" for t in result.trials)
+
+
+def test_the_cache_sees_settings_that_change_memory_but_no_shape(tmp_path, monkeypatch):
+    """e.g. Hugging Face's gradient_checkpointing flag: same parameters, very different activations."""
+    monkeypatch.setenv("AUTOACCUM_CACHE_DIR", str(tmp_path))
+    model = mlp()
+    model.gradient_checkpointing = False
+    run = lambda: autoaccum.probe(model, regression_batch(4), loss_fn=mse_loss, memory_budget="4MiB")
+    assert not run().from_cache and run().from_cache
+    model.gradient_checkpointing = True
+    assert not run().from_cache
+    model[1].training = False                       # one submodule switched to eval
+    assert not run().from_cache
+
+
+def test_a_damaged_cache_entry_is_probed_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOACCUM_CACHE_DIR", str(tmp_path))
+    model = mlp()
+    run = lambda: autoaccum.probe(model, regression_batch(4), loss_fn=mse_loss, memory_budget="4MiB")
+    good = run()
+    path = tmp_path / "probe-cache.json"
+    data = json.loads(path.read_text())
+    data[good.cache_key]["max_micro_batch"] = -3
+    path.write_text(json.dumps(data))
+    again = run()
+    assert not again.from_cache and again.max_micro_batch == good.max_micro_batch
+
+
 def test_cache_hit_miss_and_invalidation(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOACCUM_CACHE_DIR", str(tmp_path))
     model = mlp(torch.float32)
