@@ -29,8 +29,15 @@ import torch
 from torch import nn
 
 from . import kernels
+from .kernels.layout import is_dense
 
 ALIGN = 16  # elements: 64-byte aligned views for vectorised access
+
+
+def accumulator_dtype(p: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The buffer's dtype, or the parameter's own where that is wider (a float64 parameter in a
+    bf16 model keeps float64 gradients)."""
+    return p.dtype if p.dtype.is_floating_point and p.dtype.itemsize > dtype.itemsize else dtype
 
 
 class GradBuffer:
@@ -41,23 +48,24 @@ class GradBuffer:
         self.bucket_bytes = bucket_bytes
         self.backend = backend
         self.views: dict[int, torch.Tensor] = {}
-        self.flat: dict[torch.device, torch.Tensor] = {}
-        by_device: dict[torch.device, list[nn.Parameter]] = {}
+        self.flat: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
         for p in self.params:
-            by_device.setdefault(p.device, []).append(p)
-        for device, ps in by_device.items():
+            groups.setdefault((p.device, accumulator_dtype(p, dtype)), []).append(p)
+        for (device, acc_dtype), ps in groups.items():
             offsets, total = [], 0
             for p in ps:
                 offsets.append(total)
                 total += -(-p.numel() // ALIGN) * ALIGN
-            flat = torch.empty(total, dtype=dtype, device=device)  # every view is assigned before it is read
-            self.flat[device] = flat
+            flat = torch.empty(total, dtype=acc_dtype, device=device)  # every view is assigned before it is read
+            self.flat[(device, acc_dtype)] = flat
             for p, off in zip(ps, offsets):
-                self.views[id(p)] = flat[off:off + p.numel()].view(p.shape)
+                self.views[id(p)] = _view_like(flat, off, p)
         self.weight = 1.0
         self._fresh: set[int] = set()
         self._written: set[int] = set()
         self._pending: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+        self._pending_ids: set[int] = set()
         self._pending_bytes = 0
         self._flush_queued = False
         self.active = False
@@ -80,6 +88,7 @@ class GradBuffer:
         self._fresh = {id(p) for p in self.params}
         self._written = set()
         self._pending.clear()
+        self._pending_ids.clear()
         self._pending_bytes = 0
         self._flush_queued = False
 
@@ -97,10 +106,13 @@ class GradBuffer:
         p.grad = None
         if g is None:
             return
+        if id(p) in self._pending_ids:
+            self.flush()   # a second gradient for p in one backward (reentrant checkpointing + sharing)
         assign = id(p) in self._fresh
         self._fresh.discard(id(p))
         self._written.add(id(p))
         self._pending.append((self.views[id(p)], g, assign))
+        self._pending_ids.add(id(p))
         self._pending_bytes += g.numel() * g.element_size()
         if not self._flush_queued:
             self._flush_queued = True
@@ -113,15 +125,17 @@ class GradBuffer:
         self.flush()
 
     def flush(self) -> None:
-        """Fold every pending gradient into its view (two launches at most: assign, add)."""
+        """Fold every pending gradient into its view: one launch per (assign or add, device, dtype)."""
         if not self._pending:
             return
-        for assign in (True, False):
-            pairs = [(v, g) for v, g, a in self._pending if a == assign]
-            if pairs:
-                kernels.accumulate_([v for v, _ in pairs], [g for _, g in pairs], self.weight, assign=assign,
-                                    backend=self.backend)
+        launches: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for v, g, assign in self._pending:
+            launches.setdefault((assign, v.device, v.dtype), []).append((v, g))
+        for (assign, _, _), pairs in launches.items():
+            kernels.accumulate_([v for v, _ in pairs], [g for _, g in pairs], self.weight, assign=assign,
+                                backend=self.backend)
         self._pending.clear()
+        self._pending_ids.clear()
         self._pending_bytes = 0
 
     def written(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -137,6 +151,7 @@ class GradBuffer:
     def discard_step(self) -> None:
         """Forget this step's accumulation (after an error): nothing pending, nothing written."""
         self._pending.clear()
+        self._pending_ids.clear()
         self._pending_bytes = 0
         self._flush_queued = False   # a backward that raised never runs its end-of-backward callback
         self._written = set()
@@ -145,6 +160,15 @@ class GradBuffer:
     def remove(self) -> None:
         """Take the hooks off the parameters now (they also go when the buffer is freed)."""
         self._finalizer()
+
+
+def _view_like(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
+    """``p``'s slot in ``flat``, laid out as autograd lays out ``p.grad``: with ``p``'s strides when
+    ``p`` is dense (channels_last...), else contiguous. Fused optimizers read a parameter and its
+    gradient as flat memory, so the two layouts must agree."""
+    if not p.is_contiguous() and is_dense(p):
+        return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + offset)
+    return flat[offset:offset + p.numel()].view(p.shape)
 
 
 def _remove_hooks(hooks: list) -> None:

@@ -55,6 +55,7 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
     if not any(p.requires_grad for p in params):
         raise ValueError("model has no parameter that requires grad, so there is nothing to train")
     _check_optimizer(optimizer, params)
+    _check_dense_gradients(model)
     _check_scheduler(scheduler, optimizer)
     check_callable("loss_fn", loss_fn, "loss_fn(model, micro_batch) -> scalar mean loss")
     check_callable("count_fn", count_fn, "count_fn(micro_batch) -> number of items")
@@ -136,6 +137,16 @@ def _check_optimizer(optimizer: Any, params: list[torch.Tensor]) -> None:
     if not any(id(p) in mine for g in optimizer.param_groups for p in g["params"]):
         raise ValueError("optimizer holds none of the model's parameters; build it from "
                          "model.parameters() after moving the model to its device")
+
+
+def _check_dense_gradients(model: nn.Module) -> None:
+    """Sparse gradients (``Embedding(sparse=True)``) cannot be weighted into a buffer, clipped or
+    unscaled by the fused kernels; say so before anything runs."""
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad:
+            raise ValueError(f"module {name or type(m).__name__!r} makes sparse gradients ({type(m).__name__}("
+                             f"sparse=True)); autoaccum accumulates, clips and unscales dense gradients: "
+                             f"use sparse=False")
 
 
 def _check_scheduler(scheduler: Any, optimizer: Any) -> None:

@@ -155,7 +155,7 @@ class Trainer:
         self.oom_retries = 0    # attempts discarded after an out-of-memory error, over the whole run
         self._regrow = Regrow(regrow_after)
         self._running_stats = RunningStats(model, batchnorm)
-        self._params = _unique(p for p in model.parameters() if p.requires_grad)
+        self._params = self._trainable()
         self.buffer = GradBuffer(self._params, accum_dtype, backend=backend) if accum_dtype is not None else None
         self.updater = Updater(master_weights)
         self._lockstep = _PreForward(model, (lambda: self._agree(None, final=False)) if self.topology.lockstep else None)
@@ -175,8 +175,13 @@ class Trainer:
         started = time.perf_counter()
         events: list[str] = []
         plan = self.plan
-        self._maybe_regrow(events)
-        n, counts, total = self._prepare(batch)
+        try:
+            self._maybe_regrow(events)
+            n, counts, total = self._prepare(batch)
+        except BaseException:
+            self.plan = plan                            # a rejected batch leaves the plan as it found it
+            raise
+        self._refresh_params()
         streams = rng.capture()
         retries = 0
         try:
@@ -210,6 +215,26 @@ class Trainer:
         if any(c == 0 for c in counts):
             stats.events.append(f"skipped {counts.count(0)} micro-batch(es) with no items")
         return stats
+
+    def _trainable(self) -> list[torch.Tensor]:
+        """What this step trains: the model's parameters that require grad, and any others the
+        optimizer holds (a temperature used only in ``loss_fn``)."""
+        extra = (p for g in self.optimizer.param_groups for p in g["params"])
+        return _unique(p for p in (*self.model.parameters(), *extra) if p.requires_grad)
+
+    def _refresh_params(self) -> None:
+        """Follow parameters frozen or unfrozen since the last step (gradual unfreezing): the
+        gradient buffer is rebuilt for the new set (its contents only live within a step)."""
+        params = self._trainable()
+        if len(params) == len(self._params) and all(p is q for p, q in zip(params, self._params)):
+            return
+        self._params = params
+        if self.buffer is not None:
+            dtype = self.buffer.dtype
+            self.buffer.remove()
+            self.buffer = None              # the old buffer's memory goes before the new one is allocated
+            self.buffer = GradBuffer(params, dtype, backend=self.backend)
+        log.info("autoaccum: the trainable parameters changed; now %d tensors", len(params))
 
     def _sizes(self, n: int) -> list[int]:
         return self.plan.micro_batches if n == self.plan.per_rank_batch else balanced_split(n, self.plan.micro_batch)
@@ -503,6 +528,43 @@ class Trainer:
         for p in self._params:
             p.grad = None
         self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs besides the model's own state_dict: the optimizer, the
+        scheduler, the loss scale, the fp32 master weights and the step counters."""
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "masters": self.updater.state_dict(self._params),
+                "steps": self.steps, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`. Load the model's state_dict first: the masters are
+        adopted as they were saved, and the optimizer's fp32 state for them is not rounded."""
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise TypeError("state must be a dict from Trainer.state_dict() (with an 'optimizer' entry)")
+        params = self._trainable()
+        masters = state.get("masters") or [None] * len(params)
+        if len(masters) != len(params):
+            raise ValueError(f"the checkpoint holds master weights for {len(masters)} parameters but "
+                             f"{len(params)} are trainable now; freeze/unfreeze as when it was saved")
+        for p, m in zip(params, masters):
+            if m is not None and tuple(m.shape) != tuple(p.shape):
+                raise ValueError(f"a master weight of shape {tuple(m.shape)} does not fit a parameter of "
+                                 f"shape {tuple(p.shape)}; is this checkpoint from another model?")
+        for name, part in (("scheduler", self.scheduler), ("scaler", self.scaler)):
+            if (state.get(name) is None) != (part is None):
+                raise ValueError(f"the checkpoint {'has no' if state.get(name) is None else 'has a'} {name} "
+                                 f"state but this trainer {'has' if part is not None else 'has no'} {name}")
+        with self.updater.masters_in_place(params, masters):
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.steps = state.get("steps", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
 
     def close(self) -> None:
         """Take the gradient buffer's hooks off the parameters and free the buffer. They are inert

@@ -15,7 +15,7 @@ def test_views_share_one_aligned_buffer_and_hooks_fold_gradients():
     model = mlp(torch.float32)
     params = list(model.parameters())
     buf = GradBuffer(params, torch.float32)
-    flat = buf.flat[torch.device("cpu")]
+    flat = buf.flat[(torch.device("cpu"), torch.float32)]
     for p in params:
         v = buf.views[id(p)]
         assert v.shape == p.shape and v.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()

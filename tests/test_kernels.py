@@ -60,6 +60,30 @@ def test_accumulate_skips_none_and_handles_non_contiguous(backend):
     assert torch.allclose(accs[2].double(), before[2].double() + 2 * grads[2].double(), atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_accumulators_in_another_memory_order_line_up_with_their_gradients(backend):
+    """channels_last or transposed accumulators (laid out like their parameters) are flat memory in
+    their own order; a gradient in that order or contiguous is matched element for element."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(3, 5, 7, 2), (9, 4)]
+    accs = [torch.randn(shapes[0], generator=gen).contiguous(memory_format=torch.channels_last),
+            torch.randn(4, 9, generator=gen).t()]
+    grads_same = [randn(3 * 5 * 7 * 2, torch.bfloat16, gen).view(shapes[0]).contiguous(memory_format=torch.channels_last),
+                  randn(36, torch.float16, gen).view(4, 9).t()]
+    grads_plain = [randn(3 * 5 * 7 * 2, torch.float32, gen).view(shapes[0]), randn(36, torch.float32, gen).view(9, 4)]
+    expected = [a.double() + 0.5 * g.double() + 2.0 * h.double() for a, g, h in zip(accs, grads_same, grads_plain)]
+    kernels.accumulate_(accs, grads_same, 0.5, backend=backend)
+    kernels.accumulate_(accs, grads_plain, 2.0, backend=backend)
+    for a, e in zip(accs, expected):
+        assert torch.allclose(a.double(), e, atol=1e-5)
+    assert accs[0].is_contiguous(memory_format=torch.channels_last), "written in place, layout kept"
+    norm, found = kernels.finalize_(accs, 0.5, max_norm=1.0, backend=backend)
+    ref = torch.cat([e.flatten() for e in expected]).mul(0.5).norm()
+    assert abs(norm.item() - ref.item()) <= 1e-5 * ref.item() and found.item() == 0
+    clipped = torch.cat([a.double().flatten() for a in accs]).norm().item()
+    assert abs(clipped - 1.0) <= 1e-5
+
+
 def test_accumulate_results_do_not_depend_on_chunking(monkeypatch):
     gen = torch.Generator().manual_seed(4)
     sizes = sizes_many(gen, 40) + [70001]
@@ -170,7 +194,7 @@ def test_finalize_accepts_a_tensor_inv_scale_and_empty_lists():
     (lambda a, g: kernels.accumulate_(a, [g[0].long(), g[1]], 1.0), TypeError, "grads\\[0\\] is torch.int64"),
     (lambda a, g: kernels.accumulate_(a, [g[0].double(), g[1]], 1.0), TypeError, "would round it"),
     (lambda a, g: kernels.accumulate_(a, [g[0][:5], g[1]], 1.0), ValueError, "shape"),
-    (lambda a, g: kernels.accumulate_([torch.zeros(10, 2).t()[0], a[1]], g, 1.0), ValueError, "not contiguous"),
+    (lambda a, g: kernels.accumulate_([torch.zeros(10, 2).t()[0], a[1]], g, 1.0), ValueError, "gaps or overlaps"),
     (lambda a, g: kernels.accumulate_([a[1], a[1]], [g[1], g[1]], 1.0), ValueError, "overlap"),
     (lambda a, g: kernels.accumulate_(a, g, float("nan")), ValueError, "weight"),
     (lambda a, g: kernels.accumulate_(a, g, 1.0, backend="fpga"), ValueError, "backend"),
