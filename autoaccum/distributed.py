@@ -175,6 +175,15 @@ class Topology:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t[0])
 
+    def unmanaged(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The trained tensors DDP/FSDP2 do not synchronise: not the wrapped module's (or ignored by DDP)."""
+        if not self.distributed:
+            return []
+        ignored = {id(p) for name, p in self.module.named_parameters()
+                   if name in getattr(self.model, "parameters_to_ignore", ())}
+        owned = {id(p) for p in self.module.parameters()} - ignored
+        return [p for p in params if id(p) not in owned]
+
     def sync_module_buffers(self) -> None:
         """DDP's buffer broadcast from rank 0, once per step before the first forward (all ranks
         are here after the batch agreement), coalesced per device and dtype."""

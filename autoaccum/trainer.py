@@ -156,6 +156,7 @@ class Trainer:
         self._regrow = Regrow(regrow_after)
         self._running_stats = RunningStats(model, batchnorm)
         self._params = self._trainable()
+        self._accum_dtype = accum_dtype
         self.buffer = GradBuffer(self._params, accum_dtype, backend=backend) if accum_dtype is not None else None
         self.updater = Updater(master_weights)
         self._lockstep = _PreForward(model, (lambda: self._agree(None, final=False)) if self.topology.lockstep else None)
@@ -178,10 +179,10 @@ class Trainer:
         try:
             self._maybe_regrow(events)
             n, counts, total = self._prepare(batch)
+            self._refresh_params()
         except BaseException:
             self.plan = plan                            # a rejected batch leaves the plan as it found it
             raise
-        self._refresh_params()
         streams = rng.capture()
         retries = 0
         try:
@@ -203,6 +204,8 @@ class Trainer:
         self._running_stats.end()
         if self.topology.syncs_buffer:
             self._sync_buffer(attempt.agreement)
+        elif self.topology.distributed:
+            self._sync_unmanaged()
         stats = self._update(attempt.loss_sum)
         sizes = self._sizes(n)
         stats.micro_batches = [s for s, c in zip(sizes, counts) if c > 0]
@@ -226,14 +229,15 @@ class Trainer:
         """Follow parameters frozen or unfrozen since the last step (gradual unfreezing): the
         gradient buffer is rebuilt for the new set (its contents only live within a step)."""
         params = self._trainable()
-        if len(params) == len(self._params) and all(p is q for p, q in zip(params, self._params)):
+        same = len(params) == len(self._params) and all(p is q for p, q in zip(params, self._params))
+        if same and (self._accum_dtype is None or self.buffer is not None):
             return
+        if self._accum_dtype is not None:
+            if self.buffer is not None:
+                self.buffer.remove()
+                self.buffer = None          # the old buffer's memory goes before the new one is allocated
+            self.buffer = GradBuffer(params, self._accum_dtype, backend=self.backend)   # may raise: retried next step
         self._params = params
-        if self.buffer is not None:
-            dtype = self.buffer.dtype
-            self.buffer.remove()
-            self.buffer = None              # the old buffer's memory goes before the new one is allocated
-            self.buffer = GradBuffer(params, dtype, backend=self.backend)
         log.info("autoaccum: the trainable parameters changed; now %d tensors", len(params))
 
     def _sizes(self, n: int) -> list[int]:
@@ -453,6 +457,23 @@ class Trainer:
         self.topology.all_reduce_buffer(list(self.buffer.flat.values()))
         self.buffer.mark_written([p for p, t in zip(self._params, touched) if t])
 
+    def _sync_unmanaged(self) -> None:
+        """DDP overlap, FSDP2: tensors the optimizer trains that the wrapper does not own (a
+        temperature in ``loss_fn``) get no collective from it; average them here (their loss was
+        scaled by the world size like everything else), in one all-reduce with has-a-gradient flags."""
+        extras = self.topology.unmanaged(self._params)
+        if not extras:
+            return
+        parts = [(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in extras]
+        flags = torch.tensor([p.grad is not None for p in extras], dtype=torch.float64, device=parts[0].device)
+        flat = self.topology.sum_(torch.cat([*parts, flags]))
+        offset = 0
+        for i, p in enumerate(extras):
+            n = p.numel()
+            if flat[-len(extras) + i] > 0:
+                p.grad = (flat[offset:offset + n] / self.topology.world_size).view_as(p).to(p.dtype)
+            offset += n
+
     def _update(self, loss_sum: torch.Tensor | None) -> StepStats:
         """Finalize (norm, inf/nan, unscale, clip), then step - or skip; then free the gradients."""
         topo = self.topology
@@ -463,7 +484,7 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
         loss_t = topo.sum_(loss_sum.detach().double().reshape(1))
         if topo.kind == "fsdp2":   # sharded gradients: the norm is a sum over ranks
-            norm, found_inf = self._finalize_sharded(grads, inv_scale)
+            norm, found_inf = self._finalize_sharded([g for _, g in pairs], inv_scale)
             fold = False
         else:
             fold = self._can_fold(grads, inv_scale)
@@ -489,18 +510,35 @@ class Trainer:
         return StepStats(loss=loss, grad_norm=norm_value if self.max_grad_norm is not None else None,
                          skipped=skipped, micro_batches=[], items=0, lr=lr, events=events)
 
-    def _finalize_sharded(self, grads: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, torch.Tensor]:
-        norm, found = kernels.finalize_(grads, inv_scale, None, apply=False, backend=self.backend)
+    def _finalize_sharded(self, full: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """FSDP2: the squares of the shards' norms sum over ranks; a replicated tensor (not sharded,
+        averaged by :meth:`_sync_unmanaged`) counts once."""
+        grads = [_local(g) for g in full]
+        sharded = [g for f, g in zip(full, grads) if f is not g]
+        replicated = [g for f, g in zip(full, grads) if f is g]
+        norm, found = self._norm(sharded, inv_scale)
         t = torch.stack([torch.where(found > 0, 0.0, norm.double()) ** 2, found.double()])
         self.topology.sum_(t)
+        if replicated:
+            r_norm, r_found = self._norm(replicated, inv_scale)
+            t[0] += torch.where(r_found > 0, 0.0, r_norm.double().to(t.device)) ** 2
+            t[1] += r_found.double().to(t.device)
         found = (t[1] > 0).float()
-        norm = torch.where(found > 0, float("inf"), t[0].sqrt()).float()
+        norm64 = torch.where(found > 0, float("inf"), t[0].sqrt())
+        norm = norm64.float()
         if not bool(found):
-            scale = kernels.clip_scale(norm, inv_scale, self.max_grad_norm)
+            scale = kernels.clip_scale(norm64, inv_scale, self.max_grad_norm)   # float64: no float32 rounding
             if float(scale) != 1.0 and grads:
                 for g in grads:
                     g.mul_(scale.to(g.dtype))
         return norm, found
+
+    def _norm(self, grads: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """Norm and inf/nan flag without writing; float64 gradients keep a float64 norm (the kernels'
+        float32 result would put float32 rounding into the clipping factor)."""
+        if grads and all(g.dtype == torch.float64 for g in grads):
+            return kernels.reference.norm_and_flag(grads, inv_scale)
+        return kernels.finalize_(grads, inv_scale, None, apply=False, backend=self.backend)
 
     def _gradients(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """(parameter, its accumulated gradient): buffer views, or what autograd left in ``.grad``."""
@@ -557,6 +595,8 @@ class Trainer:
             if (state.get(name) is None) != (part is None):
                 raise ValueError(f"the checkpoint {'has no' if state.get(name) is None else 'has a'} {name} "
                                  f"state but this trainer {'has' if part is not None else 'has no'} {name}")
+        if not self.updater.master_weights:
+            masters = [None] * len(params)   # this trainer steps the parameters themselves: state in their dtype
         with self.updater.masters_in_place(params, masters):
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:

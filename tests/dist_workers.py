@@ -199,6 +199,31 @@ def ddp_bn_oom(rank):
     return out
 
 
+def tempered_loss(temperature):
+    return lambda model, batch: lm_loss(model, batch) / temperature
+
+
+def optimizer_only_tensor(rank):
+    """A temperature the optimizer trains but no wrapper owns: equal on both ranks, equal to one process."""
+    from torch.distributed.fsdp import fully_shard
+    out = {}
+    for mode in ("deferred", "overlap", "fsdp2"):
+        base = make_model()
+        temperature = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+        if mode == "fsdp2":
+            fully_shard(base)
+            model, module = base, base
+        else:
+            model = DDP(base)
+            module = model.module
+        trainer = autoaccum.fit(model, 2 * PER_RANK, make_opt([*model.parameters(), temperature]),
+                                loss_fn=tempered_loss(temperature), micro_batch=5, count_fn=count_tokens,
+                                max_grad_norm=1.0, **({} if mode == "fsdp2" else {"sync": mode}))
+        train(trainer, rank)
+        out[mode] = {"params": params_of(module), "temperature": temperature.detach().clone()}
+    return out
+
+
 def peer_error(rank):
     def loss_fn(model, batch):
         if dist.get_rank() == 0 and loss_fn.n == 1:
@@ -259,7 +284,7 @@ def _error_of(fn) -> tuple[str, str] | None:
 
 
 SCENARIOS = {f.__name__: f for f in (ddp_deferred, ddp_overlap, fsdp2, ddp_oom_step0, ddp_clean_micro4,
-                                      ddp_oom_step1, ddp_bn_oom, peer_error, bad_batch, probe_agree,
+                                      ddp_oom_step1, ddp_bn_oom, optimizer_only_tensor, peer_error, bad_batch, probe_agree,
                                       fsdp2_oom, plain_model)}
 
 

@@ -40,17 +40,17 @@ def run_group(names, tmp_path) -> dict:
     return results
 
 
-def reference(steps=W.STEPS, max_grad_norm=1.0, model_kind="gpt", loss_fn=lm_loss):
+def reference(steps=W.STEPS, max_grad_norm=1.0, model_kind="gpt", loss_fn=lm_loss, extra=()):
     """One process, one plain optimizer step per global batch (both ranks' samples together)."""
     model = W.make_model(model_kind)
-    opt = W.make_opt(model.parameters())
+    opt = W.make_opt([*model.parameters(), *extra])
     losses = []
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model, W.global_batch(s))
         loss.backward()
         if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            torch.nn.utils.clip_grad_norm_([*model.parameters(), *extra], max_grad_norm)
         opt.step()
         losses.append(loss.item())
     return [p.detach() for p in model.parameters()], losses
@@ -62,7 +62,7 @@ def max_diff(a, b):
 
 @pytest.fixture(scope="module")
 def exactness(tmp_path_factory):
-    return run_group(["ddp_deferred", "ddp_overlap", "fsdp2"], tmp_path_factory.mktemp("exact"))
+    return run_group(["ddp_deferred", "ddp_overlap", "fsdp2", "optimizer_only_tensor"], tmp_path_factory.mktemp("exact"))
 
 
 def test_token_counts_really_differ_between_ranks():
@@ -79,6 +79,18 @@ def test_two_ranks_equal_one_process_full_batch(exactness, scenario):
             assert abs(st["loss"] - ref_loss) <= 1e-12 and not st["skipped"]
     total = sum(count_tokens(W.rank_batch(0, r)) for r in range(2)).item()
     assert exactness[scenario][0]["stats"][0]["items"] == total, "item counts are global"
+
+
+@pytest.mark.parametrize("mode", ["deferred", "overlap", "fsdp2"])
+def test_a_tensor_only_the_optimizer_holds_is_averaged_over_ranks(exactness, mode):
+    """A temperature used in loss_fn: no DDP/FSDP2 collective covers it; it must still be the
+    full-batch value on every rank (and count once in the clipping norm)."""
+    temperature = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+    ref_params, _ = reference(loss_fn=W.tempered_loss(temperature), extra=[temperature])
+    for rank in range(2):
+        res = exactness["optimizer_only_tensor"][rank][mode]
+        assert abs(res["temperature"].item() - temperature.item()) <= 1e-12, (mode, rank)
+        assert max_diff(res["params"], ref_params) <= 1e-12, (mode, rank)
 
 
 def test_deferred_ddp_syncs_once_per_bucket_per_step_and_never_inside_backward(exactness):

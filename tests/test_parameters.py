@@ -221,3 +221,40 @@ def test_sparse_gradients_are_rejected_by_fit():
     model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 5))
     with pytest.raises(ValueError, match="sparse=False"):
         autoaccum.fit(model, 8, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=mse_loss, micro_batch=4)
+
+
+def test_a_master_weight_checkpoint_loads_into_a_trainer_without_masters():
+    model = mlp(torch.bfloat16)
+    trainer = autoaccum.fit(model, 16, torch.optim.AdamW(model.parameters()), loss_fn=mse_loss, micro_batch=8,
+                            master_weights=True)
+    trainer.step(regression_batch(16, torch.bfloat16))
+    state = {"model": model.state_dict(), "trainer": trainer.state_dict()}
+    other = mlp(torch.bfloat16)
+    opt = torch.optim.AdamW(other.parameters())
+    plain = autoaccum.fit(other, 16, opt, loss_fn=mse_loss, micro_batch=8, master_weights=False)
+    other.load_state_dict(state["model"])
+    plain.load_state_dict(state["trainer"])
+    assert {v.dtype for st in opt.state.values() for k, v in st.items() if k != "step"} == {torch.bfloat16}
+    assert not plain.step(regression_batch(16, torch.bfloat16, seed=2)).skipped
+
+
+def test_a_buffer_rebuild_that_fails_is_retried_at_the_next_step(monkeypatch):
+    model = mlp(torch.bfloat16)
+    model[0].requires_grad_(False)
+    trainer = autoaccum.fit(model, 16, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=mse_loss, micro_batch=8)
+    trainer.step(regression_batch(16, torch.bfloat16))
+    model[0].requires_grad_(True)
+    import autoaccum.trainer as trainer_module
+    real = trainer_module.GradBuffer
+
+    def fail_once(*args, **kwargs):
+        monkeypatch.setattr(trainer_module, "GradBuffer", real)
+        raise torch.OutOfMemoryError("CUDA out of memory (injected while rebuilding the buffer)")
+    monkeypatch.setattr(trainer_module, "GradBuffer", fail_once)
+    before = model[0].weight.detach().clone()
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.step(regression_batch(16, torch.bfloat16))
+    assert torch.equal(model[0].weight, before)
+    trainer.step(regression_batch(16, torch.bfloat16))
+    assert trainer.buffer is not None and id(model[0].weight) in trainer.buffer.views
+    assert not torch.equal(model[0].weight, before)
