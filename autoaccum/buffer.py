@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .kernels.layout import is_dense
+from .kernels.layout import in_memory_order
 
 ALIGN = 16  # elements: 64-byte aligned views for vectorised access
 
@@ -166,7 +166,7 @@ def _view_like(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor
     """``p``'s slot in ``flat``, laid out as autograd lays out ``p.grad``: with ``p``'s strides when
     ``p`` is dense (channels_last...), else contiguous. Fused optimizers read a parameter and its
     gradient as flat memory, so the two layouts must agree."""
-    if not p.is_contiguous() and is_dense(p):
+    if not p.is_contiguous() and in_memory_order(p) is not None:
         return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + offset)
     return flat[offset:offset + p.numel()].view(p.shape)
 

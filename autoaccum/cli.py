@@ -15,8 +15,7 @@ class CliError(Exception):
     """A user mistake on the command line: printed as one line, exit status 2."""
 
 
-_SHOW_TRACEBACK = False   # --traceback: let errors from user code through whole
-_HINT = ""
+_TRACEBACK: bool | None = None   # --traceback: let errors from user code through whole (None: no such option)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         args.args = extra            # everything after 'bench' belongs to the benchmark script
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    global _SHOW_TRACEBACK, _HINT
-    _SHOW_TRACEBACK = bool(getattr(args, "traceback", False))
-    _HINT = " (--traceback shows the whole error)" if hasattr(args, "traceback") else ""
+    global _TRACEBACK
+    _TRACEBACK = getattr(args, "traceback", None)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # keep stdout in order with the stderr progress line
     try:
@@ -223,10 +221,11 @@ def _user_errors(fn, what: str = "failed"):
     except CliError:
         raise
     except Exception as e:
-        if _SHOW_TRACEBACK:
+        if _TRACEBACK:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CliError(f"{what}: {type(e).__name__}: {first}".rstrip(": ") + _HINT) from None
+        hint = "" if _TRACEBACK is None else " (--traceback shows the whole error)"
+        raise CliError(f"{what}: {type(e).__name__}: {first}".rstrip(": ") + hint) from None
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -110,6 +110,12 @@ class Topology:
         return self.kind == "ddp" and self.sync == "deferred"
 
     @property
+    def communicates_in_model(self) -> bool:
+        """The model's own forward/backward run collectives (lockstep DDP, FSDP2), so every rank
+        must run the same micro-batches."""
+        return self.lockstep or self.kind == "fsdp2"
+
+    @property
     def recovers_oom(self) -> bool:
         return self.kind != "fsdp2"
 

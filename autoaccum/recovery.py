@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .memory import drop_traceback, format_bytes, is_oom_error, oom_message, read_device
+from .plan import Plan
 
 log = logging.getLogger("autoaccum")
 
@@ -88,22 +89,21 @@ class Regrow:
         self.clean = 0
         self.last_good: int | None = None   # set while a regrowth is on trial
 
-    def proposal(self, current: int, original: int, per_rank_batch: int) -> int | None:
+    def proposal(self, plan: Plan, original: int) -> int | None:
         """Called before a step: a larger micro-batch limit to try, or None."""
         self.last_good = None
-        if self.after is None or current >= original:
+        if self.after is None or plan.micro_batch >= original:
             return None
         self.clean += 1
         if self.clean <= self.wait:
             return None
         self.clean = 0
-        steps = -(-per_rank_batch // current)
-        if steps <= 1:
+        if plan.accum_steps <= 1:
             return None
-        grown = -(-per_rank_batch // (steps - 1))   # the smallest limit that runs steps - 1 micro-batches
+        grown = -(-plan.per_rank_batch // (plan.accum_steps - 1))   # the smallest limit for one step fewer
         if grown > original:
             return None
-        self.last_good = current
+        self.last_good = plan.micro_batch
         return grown
 
     def out_of_memory(self) -> None:

@@ -41,7 +41,7 @@ from .buffer import GradBuffer
 from .distributed import Agreement, PeerFailure, Topology
 from .loss import LossFn, compute_loss
 from .memory import NotEnoughMemoryError, release_memory
-from .plan import Plan, balanced_split, check_positive_int
+from .plan import Plan, check_positive_int
 from .plan import plan as make_plan
 from .progress import Progress
 from .recovery import Failure, Regrow, classify, not_enough_memory_message, smaller_micro_batch
@@ -241,7 +241,7 @@ class Trainer:
         log.info("autoaccum: the trainable parameters changed; now %d tensors", len(params))
 
     def _sizes(self, n: int) -> list[int]:
-        return self.plan.micro_batches if n == self.plan.per_rank_batch else balanced_split(n, self.plan.micro_batch)
+        return self.plan.micro_batches if n == self.plan.per_rank_batch else self.plan.split(n)
 
     def _prepare(self, batch: Any) -> tuple[int, list[float], float]:
         """Check and count this rank's batch under the current plan, then agree on the global total.
@@ -269,7 +269,7 @@ class Trainer:
             raise error
         if rejected:
             raise PeerFailure("another rank rejected its batch (its error says why); this rank stops too")
-        if not uniform and (self.topology.lockstep or self.topology.kind == "fsdp2"):
+        if not uniform and self.topology.communicates_in_model:
             raise ValueError(f"ranks split their batches into different numbers of micro-batches (here {len(counts)}); "
                              f"with {self.topology.kind} communicating inside the model every rank must run the same "
                              f"micro-batches: give every rank the same number of samples (DistributedSampler pads; "
@@ -283,10 +283,7 @@ class Trainer:
     def _check_collective_shape(self, counts: list[float]) -> None:
         """Where the model itself communicates in forward/backward, no micro-batch may be skipped
         for having no items (it would skip those collectives on this rank only)."""
-        topo = self.topology
-        if not (topo.lockstep or topo.kind == "fsdp2"):
-            return
-        if any(c == 0 for c in counts):
+        if self.topology.communicates_in_model and any(c == 0 for c in counts):
             raise ValueError("a micro-batch has no items (count_fn returned 0): with collectives inside the "
                              "model's forward every micro-batch must run on every rank; balance the batch")
 
@@ -430,7 +427,7 @@ class Trainer:
         log.warning("autoaccum: %s", message)
 
     def _maybe_regrow(self, events: list[str]) -> None:
-        grown = self._regrow.proposal(self.plan.micro_batch, self.max_micro_batch, self.plan.per_rank_batch)
+        grown = self._regrow.proposal(self.plan, self.max_micro_batch)
         if grown is not None:
             grown = self.topology.agree_min(grown)
             message = f"regrowing the micro-batch from {self.plan.micro_batch} to {grown} after clean steps"
@@ -478,13 +475,14 @@ class Trainer:
         """Finalize (norm, inf/nan, unscale, clip), then step - or skip; then free the gradients."""
         topo = self.topology
         pairs = self._gradients()
-        grads = [_local(g) for _, g in pairs]
+        full = [g for _, g in pairs]
+        grads = [_local(g) for g in full]
         inv_scale = self.scaler.inv_scale() if self.scaler is not None else 1.0
         if loss_sum is None:
             loss_sum = torch.zeros((), device=self.device)
         loss_t = topo.sum_(loss_sum.detach().double().reshape(1))
         if topo.kind == "fsdp2":   # sharded gradients: the norm is a sum over ranks
-            norm, found_inf = self._finalize_sharded([g for _, g in pairs], inv_scale)
+            norm, found_inf = self._finalize_sharded(full, grads, inv_scale)
             fold = False
         else:
             fold = self._can_fold(grads, inv_scale)
@@ -510,10 +508,10 @@ class Trainer:
         return StepStats(loss=loss, grad_norm=norm_value if self.max_grad_norm is not None else None,
                          skipped=skipped, micro_batches=[], items=0, lr=lr, events=events)
 
-    def _finalize_sharded(self, full: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    def _finalize_sharded(self, full: list[torch.Tensor], grads: list[torch.Tensor],
+                          inv_scale) -> tuple[torch.Tensor, torch.Tensor]:
         """FSDP2: the squares of the shards' norms sum over ranks; a replicated tensor (not sharded,
-        averaged by :meth:`_sync_unmanaged`) counts once."""
-        grads = [_local(g) for g in full]
+        averaged by :meth:`_sync_unmanaged`) counts once. ``grads`` are ``full``'s local shards."""
         sharded = [g for f, g in zip(full, grads) if f is not g]
         replicated = [g for f, g in zip(full, grads) if f is g]
         norm, found = self._norm(sharded, inv_scale)

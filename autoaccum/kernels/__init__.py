@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from . import cuda_ext, reference
-from .layout import in_memory_order, dense_order, is_dense
+from .layout import dense_order, in_memory_order
 from .reference import clip_scale
 
 __all__ = ["accumulate_", "finalize_", "backend_for", "clip_scale", "BACKENDS"]
@@ -78,7 +78,7 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
               max_norm: float | None = None, *, apply: bool = True, backend: str | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Norm and inf/nan flag of ``inv_scale * grads`` in one read; then scale (and clip) in one write."""
-    gs = [in_memory_order(g) if is_dense(g) else g for g in _check_grads(grads) if g is not None]
+    gs = [_flat_or_self(g) for g in _check_grads(grads) if g is not None]
     if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float))
                                  or not math.isfinite(max_norm) or max_norm <= 0):
         raise ValueError(f"max_norm must be a positive finite number or None; got {max_norm!r}")
@@ -137,16 +137,23 @@ def _check_pairs(accs, grads) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if a.device != g.device:
             raise ValueError(f"accs[{i}] is on {a.device} but grads[{i}] is on {g.device}")
         if not a.is_contiguous():
-            if not is_dense(a):
+            order = dense_order(a)          # e.g. channels_last: both sides in the accumulator's memory order
+            flat = in_memory_order(a, order)
+            if flat is None:
                 raise ValueError(f"accs[{i}] has gaps or overlaps in memory (strides {a.stride()}); accumulators "
                                  f"are written as flat memory: use views of a contiguous buffer")
-            order = dense_order(a)          # e.g. channels_last: both sides in the accumulator's memory order
-            a, g = in_memory_order(a, order), g.permute(order)
+            a, g = flat, g.permute(order)
         if not g.is_contiguous():
             g = g.contiguous()  # a copy: correct, but it costs one extra read and write
         pairs.append((a, g))
     _check_no_overlap([a for a, _ in pairs])
     return pairs
+
+
+def _flat_or_self(g: torch.Tensor) -> torch.Tensor:
+    """A dense gradient in its memory order (a contiguous view the fast kernels can take), else itself."""
+    view = in_memory_order(g)
+    return g if view is None else view
 
 
 def _check_grads(grads) -> list[torch.Tensor | None]:

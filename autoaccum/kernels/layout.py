@@ -15,14 +15,12 @@ def dense_order(t: torch.Tensor) -> list[int]:
     return sorted(range(t.dim()), key=lambda d: (t.size(d) != 1, t.stride(d)), reverse=True)
 
 
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: some permutation of the dimensions makes ``t`` contiguous."""
-    return all(s >= 0 for s in t.stride()) and t.permute(dense_order(t)).is_contiguous()
-
-
-def in_memory_order(t: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
-    """``t`` with its dimensions in memory order (``order``, default its own): for dense ``t`` a
-    contiguous view sharing its memory."""
-    if t.is_contiguous() and order is None:
+def in_memory_order(t: torch.Tensor, order: list[int] | None = None) -> torch.Tensor | None:
+    """``t`` with its dimensions in memory order (``order``, default its own): a contiguous view
+    sharing its memory (``t`` itself when contiguous), or None when ``t`` has gaps or overlaps."""
+    if order is None and t.is_contiguous():
         return t
-    return t.permute(dense_order(t) if order is None else order)
+    if any(s < 0 for s in t.stride()):
+        return None
+    view = t.permute(dense_order(t) if order is None else order)
+    return view if view.is_contiguous() else None
