@@ -24,6 +24,15 @@ def mse_loss(model, batch):
     return F.mse_loss(model(x), y)
 
 
+def oom_above(limit, error=lambda: torch.OutOfMemoryError("CUDA out of memory (injected above the limit)")):
+    """An mse loss_fn that runs out of memory (``error()``) for micro-batches of more than ``limit`` samples."""
+    def loss_fn(model, batch):
+        if batch[0].shape[0] > limit:
+            raise error()
+        return mse_loss(model, batch)
+    return loss_fn
+
+
 def params_of(model):
     return [p.detach().clone() for p in model.parameters()]
 

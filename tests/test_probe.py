@@ -13,7 +13,7 @@ import autoaccum
 from autoaccum.demo import TinyGPT, lm_loss, make_batch
 from autoaccum.probe import StateGuard, TrialRunner, _TrackerMeter, _persistent_tensors, sample_factory
 from autoaccum.tracker import LiveBytes, storage_bytes
-from helpers import ce_loss, convnet, image_batch, mlp, mse_loss, regression_batch
+from helpers import ce_loss, convnet, image_batch, mlp, mse_loss, oom_above, regression_batch
 
 MiB = 1 << 20
 
@@ -141,12 +141,7 @@ def test_a_callable_sample_that_draws_random_numbers_leaves_the_rng_as_it_was(tm
 def test_an_oom_with_an_empty_message_is_a_failed_trial():
     """Python's MemoryError usually carries no message."""
     model = mlp()
-
-    def loss_fn(m, b):
-        if b[0].shape[0] > 40:
-            raise MemoryError()
-        return mse_loss(m, b)
-    result = autoaccum.probe(model, regression_batch(4), loss_fn=loss_fn, memory_budget="64MiB", cache=False,
+    result = autoaccum.probe(model, regression_batch(4), loss_fn=oom_above(40, MemoryError), memory_budget="64MiB", cache=False,
                              max_micro_batch=64, max_trials=10)
     assert 30 <= result.max_micro_batch <= 40
     assert any(t.oom and t.error == "MemoryError" for t in result.trials)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import autoaccum
-from helpers import assert_state_equal, max_abs_diff, mlp, mse_loss, regression_batch, state_snapshot, twin
+from helpers import (assert_state_equal, max_abs_diff, mlp, mse_loss, oom_above, regression_batch, state_snapshot,
+                     twin)
 
 
 class Injector:
@@ -171,12 +172,8 @@ def test_oom_retry_off_propagates_the_error_itself(error):
 def test_an_oom_with_an_empty_message_is_recovered():
     """Python's own MemoryError often has no message at all."""
     model = mlp()
-
-    def loss_fn(m, b):
-        if b[0].shape[0] > 4:
-            raise MemoryError()
-        return mse_loss(m, b)
-    trainer = autoaccum.fit(model, 16, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=loss_fn, micro_batch=16)
+    trainer = autoaccum.fit(model, 16, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=oom_above(4, MemoryError),
+                            micro_batch=16)
     st = trainer.step(regression_batch(16))
     assert st.micro_batch_limit == 4 and "MemoryError" in st.events[0]
 
@@ -199,13 +196,7 @@ def test_batchnorm_stats_are_not_counted_twice():
 
 def test_regrow_after_clean_steps_and_back_off():
     model = mlp()
-    oom_above = {"limit": 8}
-
-    def loss_fn(m, b):
-        if b[0].shape[0] > oom_above["limit"]:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected above the limit)")
-        return mse_loss(m, b)
-    trainer = autoaccum.fit(model, 64, torch.optim.SGD(model.parameters(), lr=0.01), loss_fn=loss_fn,
+    trainer = autoaccum.fit(model, 64, torch.optim.SGD(model.parameters(), lr=0.01), loss_fn=oom_above(8),
                             micro_batch=32, regrow_after=2)
     limits, events, steps = [], [], []
     for s in range(12):
@@ -224,12 +215,7 @@ def test_regrow_after_clean_steps_and_back_off():
 
 def test_regrowth_climbs_one_accumulation_step_at_a_time_up_to_what_fits():
     model = mlp()
-
-    def loss_fn(m, b):
-        if b[0].shape[0] > 12:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected above 12)")
-        return mse_loss(m, b)
-    trainer = autoaccum.fit(model, 64, torch.optim.SGD(model.parameters(), lr=0.01), loss_fn=loss_fn,
+    trainer = autoaccum.fit(model, 64, torch.optim.SGD(model.parameters(), lr=0.01), loss_fn=oom_above(12),
                             micro_batch=32, regrow_after=1)
     limits = [trainer.step(regression_batch(64, seed=s)).micro_batch_limit for s in range(12)]
     assert limits[0] == 8 and 10 in limits and limits[-1] == 11   # 8 -> 10 (7 steps) -> 11 (6); 13 fails -> 11
