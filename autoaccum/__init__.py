@@ -9,7 +9,8 @@ from .fit import fit
 from .distributed import PeerFailure
 from .memory import NotEnoughMemoryError
 from .plan import Plan, plan
-from .probe import MemoryModel, ProbeResult, Trial, probe
+from .probe import ProbeResult, probe
+from .search import MemoryModel, Trial
 from .trainer import StepStats, Trainer
 
 __all__ = ["fit", "plan", "probe", "estimate", "kernels", "Estimate", "Plan", "Trainer", "StepStats", "ProbeResult", "Trial", "MemoryModel",

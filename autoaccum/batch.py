@@ -50,6 +50,13 @@ def describe(batch: Any, *, name: str = "batch") -> list[tuple[str, tuple[int, .
     return leaves
 
 
+def leaves(batch: Any) -> list[torch.Tensor]:
+    """The tensor leaves of ``batch`` (numpy leaves are not tensors and are left out)."""
+    found: list[torch.Tensor] = []
+    _walk(batch, "batch", lambda leaf, path: found.append(leaf) if isinstance(leaf, torch.Tensor) else None)
+    return found
+
+
 def split(batch: Any, sizes: list[int]) -> list[Any]:
     """Cut ``batch`` into consecutive parts of ``sizes`` rows; tensors become views, not copies."""
     n = batch_size(batch)

@@ -30,14 +30,16 @@ import torch
 from torch import nn
 
 from . import batch as batching
+from . import rng
 from .buffer import GradBuffer
 from .checks import check_step_arguments
 from .loss import LossFn
 from .memory import format_bytes, parse_bytes
 from .plan import check_positive_int
-from .probe import (DEFAULT_MAX_MICRO_BATCH, MemoryModel, Trial, TrialRunner, _TrackerMeter, plot_memory,
-                    sample_factory, search)
-from .tracker import ROUND_CUDA, LiveBytes, storage_bytes
+from .probe import plot_memory
+from .search import DEFAULT_MAX_MICRO_BATCH, MemoryModel, Trial, search
+from .tracker import ROUND_CUDA, LiveBytes
+from .trial import TrackerMeter, TrialRunner, sample_factory
 from .update import Updater
 
 
@@ -78,13 +80,15 @@ def estimate(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn |
              max_micro_batch: int | None = None, context_bytes: int | str = "512MiB",
              workspace_bytes: int | str = "32MiB", headroom: int | str | None = None,
              max_runs: int = 8, accum_dtype: torch.dtype | str | None = "auto",
-             master_weights: bool = False) -> Estimate:
+             master_weights: bool = False, copy_inputs: bool = True) -> Estimate:
     """Predict the largest micro-batch for a GPU with ``device_memory`` bytes, allocating nothing.
 
     ``model`` may live anywhere, the meta device included (build big models under
     ``torch.device("meta")`` to size them on a laptop); ``optimizer`` only lends its class and
     hyperparameters. ``sample`` is as in :func:`autoaccum.probe` (meta tensors work too);
-    ``accum_dtype``/``master_weights`` as in :func:`autoaccum.fit`.
+    ``accum_dtype``/``master_weights`` as in :func:`autoaccum.fit`. ``copy_inputs``: count each
+    micro-batch's copy on the device (``Trainer.step`` moves it there from the host); ``False``
+    when the data already lives on the device that is sized (the CPU).
     """
     started = time.perf_counter()
     amp, accum = check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights)
@@ -99,36 +103,15 @@ def estimate(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn |
     if usable <= 0:
         raise ValueError(f"device_memory={device_memory!r} leaves nothing after the CUDA context "
                          f"({format_bytes(context)}); pass a larger device_memory or a smaller context_bytes")
+    if not isinstance(copy_inputs, bool):
+        raise TypeError(f"copy_inputs must be True or False; got {copy_inputs!r}")
     make_real, _ = sample_factory(sample)
-
-    from torch._subclasses.fake_tensor import FakeTensorMode  # heavy; only the estimator needs it
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # sample(n) may slice real data
-    fake_model, fake_of = _fake_copy(model, fake_mode)
-    fake_opt = _fake_optimizer(optimizer, fake_of, fake_mode) if optimizer is not None else None
-
-    def make_batch(n: int):
-        fake = batching.map_leaves(make_real(n), lambda t: _fake_like(torch.as_tensor(t), fake_mode))
-        return batching.map_leaves(fake, torch.clone)  # cloned inside the trial, so the tracker counts it
-
-    grad_buffer = None
-    if accum is not None:
-        with fake_mode:
-            grad_buffer = GradBuffer(list(fake_model.parameters()), accum)
-    persistent = list(fake_model.parameters()) + list(fake_model.buffers())
-    persistent += list(grad_buffer.flat.values()) if grad_buffer is not None else []
-    tracker = LiveBytes(baseline=storage_bytes(persistent, ROUND_CUDA) + workspace, round_to=ROUND_CUDA)
-    runner = TrialRunner(fake_model, fake_opt, make_batch, loss_fn, amp, torch.device("cpu"),
-                         _TrackerMeter(tracker), grad_buffer, Updater(master_weights))
+    streams = rng.capture()         # sample(n) and the model may draw random numbers: leave every stream as found
     try:
-        with fake_mode, tracker:
-            best, runs, mem_model, head = search(runner, usable, cap, headroom=fixed_headroom,
-                                                 allocator=True, max_trials=max_runs)
-    except Exception as e:
-        if type(e).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException",
-                                "UnsupportedOperatorException"):
-            raise RuntimeError(f"estimate cannot dry-run this model on fake tensors ({type(e).__name__}: {e}); "
-                               f"its forward depends on tensor values. Use autoaccum.probe on the device") from e
-        raise
+        best, runs, mem_model, head = _dry_runs(model, optimizer, make_real, loss_fn, amp, accum, master_weights,
+                                                usable, cap, workspace, fixed_headroom, max_runs, copy_inputs)
+    finally:
+        rng.restore(streams)
     notes = [f"fake CPU dry runs; modelled CUDA: 512-byte block rounding, {format_bytes(workspace)} cuBLAS "
              f"workspace, {format_bytes(context)} CUDA context outside the allocator",
              "not modelled: allocator fragmentation (covered by the headroom), cuDNN workspaces, "
@@ -138,6 +121,41 @@ def estimate(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn |
     return Estimate(max_micro_batch=best, memory_model=mem_model, device_memory_bytes=total,
                     usable_bytes=usable, headroom_bytes=head, runs=runs, notes=notes,
                     seconds=time.perf_counter() - started)
+
+
+def _dry_runs(model, optimizer, make_real, loss_fn, amp, accum, master_weights, usable, cap, workspace,
+              fixed_headroom, max_runs, copy_inputs):
+    """The probe's search over training steps on a fake copy of the model: nothing is allocated."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # heavy; only the estimator needs it
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # sample(n) may slice real data
+    fake_model, fake_of = _fake_copy(model, fake_mode)
+    fake_opt = _fake_optimizer(optimizer, fake_of, fake_mode) if optimizer is not None else None
+
+    def make_batch(n: int):
+        return batching.map_leaves(make_real(n), lambda t: _fake_like(torch.as_tensor(t), fake_mode))
+
+    def to_device(batch):
+        return batching.map_leaves(batch, torch.clone)   # the host-to-device copy, counted like on a GPU
+
+    grad_buffer = None
+    if accum is not None:
+        with fake_mode:
+            grad_buffer = GradBuffer(list(fake_model.parameters()), accum)
+    held = list(fake_model.parameters()) + list(fake_model.buffers())
+    held += list(grad_buffer.flat.values()) if grad_buffer is not None else []
+    tracker = LiveBytes(held, extra_bytes=workspace, round_to=ROUND_CUDA)
+    runner = TrialRunner(fake_model, fake_opt, make_batch, loss_fn, amp, torch.device("cpu"),
+                         TrackerMeter(tracker), grad_buffer, Updater(master_weights),
+                         move=to_device if copy_inputs else (lambda batch: batch))
+    try:
+        with fake_mode, tracker:
+            return search(runner, usable, cap, headroom=fixed_headroom, allocator=True, max_trials=max_runs)
+    except Exception as e:
+        if type(e).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException",
+                                "UnsupportedOperatorException"):
+            raise RuntimeError(f"estimate cannot dry-run this model on fake tensors ({type(e).__name__}: {e}); "
+                               f"its forward depends on tensor values. Use autoaccum.probe on the device") from e
+        raise
 
 
 def _fake_like(t: torch.Tensor, mode) -> torch.Tensor:

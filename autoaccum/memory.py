@@ -199,10 +199,7 @@ def _text(x) -> str:
 def _read_cpu() -> DeviceReading:
     total, available = _meminfo()
     usable = int(available * CPU_BUDGET_FRACTION)
-    return DeviceReading("cpu", "cpu", total, usable,
-                         {"meminfo": {"total": total, "available": available}},
-                         [f"CPU: default limit is {CPU_BUDGET_FRACTION:.0%} of available RAM; "
-                          f"pass memory_budget= to choose"])
+    return DeviceReading("cpu", "cpu", total, usable, {"meminfo": {"total": total, "available": available}})
 
 
 def _meminfo() -> tuple[int, int]:

@@ -332,6 +332,9 @@ class Trainer:
                         return _Attempt(loss_sum, failure, lockstep.stopped)
                     if loss is not None:
                         loss_sum = loss * share if loss_sum is None else loss_sum + loss * share
+                    # A scalar loss can own a large storage (CPU mse_loss reduces in place in its
+                    # elementwise buffer): it must not live into the next micro-batch.
+                    del loss
                 del part
                 if failure is not None:
                     in_flight = self._collective_in_flight(last, lockstep.forwards > 0)

@@ -1,7 +1,12 @@
 import os
+import sys
+from pathlib import Path
 
 # Triton decorates kernels at import time; the interpreter must be chosen before that.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The independent ruler and the anchors' searches live with the benchmarks; tests use them too.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

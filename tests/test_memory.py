@@ -4,6 +4,7 @@ import torch
 from autoaccum.memory import (format_bytes, is_cpu_out_of_memory, is_cuda_out_of_memory, is_cudnn_alloc_failure,
                               is_oom_error, parse_bytes, read_device)
 from autoaccum.tracker import LiveBytes, storage_bytes
+from autoaccum.memory import CPU_BUDGET_FRACTION
 
 
 @pytest.mark.parametrize("exc, oom", [
@@ -51,11 +52,13 @@ def test_format_bytes():
 
 def test_cpu_reading_is_a_fraction_of_available_ram():
     r = read_device(torch.device("cpu"))
-    assert 0 < r.usable_bytes < r.total_bytes and "available RAM" in r.notes[0]
+    assert 0 < r.usable_bytes < r.total_bytes
+    assert r.usable_bytes == int(r.sources["meminfo"]["available"] * CPU_BUDGET_FRACTION)
 
 
 def test_tracker_counts_live_storages_once():
-    with LiveBytes(baseline=100) as t:
+    old = torch.empty(25)                                 # 100 bytes that exist before the tracker
+    with LiveBytes([old]) as t:
         a = torch.empty(1000, dtype=torch.float32)        # 4000 bytes
         view = a[10:]                                     # a view: free
         a.add_(1)                                         # in place: free
@@ -69,6 +72,42 @@ def test_tracker_counts_live_storages_once():
         assert t.current == 100 + 4000, "the view keeps the storage alive"
         del view
         assert t.current == 100
+
+
+def test_tracker_never_counts_a_seeded_storage_twice():
+    """The optimizer's in-place update returns the parameter: that is no new memory (it once
+    counted every parameter a second time, so the probe under-sized parameter-heavy models)."""
+    p = torch.nn.Parameter(torch.randn(1000))
+    p.grad = torch.randn(1000)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    opt.step()                                            # momentum buffer exists before the tracker
+    held = [p, p.grad, *opt.state[p].values()]
+    with LiveBytes(held) as t:
+        del held
+        assert t.current == 3 * 4000
+        for _ in range(3):
+            opt.step()
+        p.detach().mul_(2)
+        p.data[:10].zero_()
+        assert t.peak == 3 * 4000 and t.current == 3 * 4000
+        p.grad = None                                     # a seeded storage that dies leaves the count
+        assert t.current == 2 * 4000
+
+
+def test_tracker_excludes_memory_outside_the_measurement():
+    outside = torch.randn(500)                            # e.g. the host batch a trial slices from
+    with LiveBytes() as t:
+        tiled = outside.repeat(2)                         # made inside the mode: counted ...
+        assert t.current == 4000
+        t.exclude([tiled])                                # ... until excluded
+        assert t.current == 0
+        part = outside[:100] + 0                          # new memory made from it still counts
+        view = tiled[:10]                                 # views of excluded memory stay free
+        assert t.current == 400
+        del part, view
+
+
+def test_storage_bytes_counts_shared_storages_once():
     assert storage_bytes([torch.empty(10), torch.empty(3, dtype=torch.float64)]) == 40 + 24
     x = torch.empty(256)
     assert storage_bytes([x, x[1:], x.view(16, 16)], round_to=512) == 1024

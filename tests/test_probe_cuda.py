@@ -1,9 +1,11 @@
 """The probe on a real GPU (skipped without one): real OOMs on a card shrunk by a memory fraction."""
+import gc
+
 import pytest
 import torch
 
 import autoaccum
-from autoaccum.probe import StateGuard, TrialRunner, _CudaMeter, sample_factory
+import ruler
 from helpers import ce_loss, convnet, image_batch, mlp, mse_loss, regression_batch
 
 pytestmark = pytest.mark.cuda
@@ -22,27 +24,24 @@ def small_card():
 
 
 @pytest.mark.parametrize("case", ["mlp", "convnet"])
-def test_within_5_percent_of_exact_with_real_ooms(small_card, case):
+def test_within_5_percent_of_the_real_trainers_maximum_with_real_ooms(small_card, case):
+    """Judged by the independent ruler: max_memory_reserved over real Trainer.steps on the card."""
     dev = small_card
     if case == "mlp":
-        model, sample, loss_fn = mlp(torch.float32, d_in=2048, hidden=4096, d_out=2048), \
-            regression_batch(4, torch.float32, d_in=2048, d_out=2048), mse_loss
+        build = lambda: mlp(torch.float32, d_in=2048, hidden=4096, d_out=2048)
+        sample, loss_fn = (lambda n: regression_batch(n, torch.float32, d_in=2048, d_out=2048)), mse_loss
     else:
-        model, sample, loss_fn = convnet(), image_batch(4, size=128), ce_loss
-    model = model.to(dev)
+        build, sample, loss_fn = convnet, (lambda n: image_batch(n, size=128)), ce_loss
+    model = build().to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    result = autoaccum.probe(model, sample, optimizer=opt, loss_fn=loss_fn, cache=False, max_micro_batch=1 << 14)
+    result = autoaccum.probe(model, sample(4), optimizer=opt, loss_fn=loss_fn, cache=False, max_micro_batch=1 << 14)
     assert len(result.trials) <= 4, result.table()
-    guard = StateGuard(model, opt)
-    run = TrialRunner(model, opt, sample_factory(sample)[0], loss_fn, None, dev, _CudaMeter(dev))
-    lo, hi = 0, 1 << 14
-    run(2)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        t = run(mid)
-        lo, hi = (mid, hi) if not t.oom and t.peak_bytes <= result.limit_bytes else (lo, mid)
-    guard.restore()
-    assert 0.95 * lo <= result.max_micro_batch <= lo, (result.max_micro_batch, lo, result.table())
+    del model, opt                      # the ruler builds its own; nothing else may sit on the card
+    gc.collect()
+    torch.cuda.empty_cache()
+    setup = ruler.Setup(lambda: (build(), lambda params: torch.optim.AdamW(params, lr=1e-3)), sample, loss_fn)
+    true, peaks = ruler.true_maximum(setup, dev, result.limit_bytes, cap=1 << 14, hint=result.max_micro_batch)
+    assert 0.95 * true <= result.max_micro_batch <= true, (result.max_micro_batch, true, result.table())
 
 
 def test_state_and_memory_left_clean_after_ooms(small_card):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from autoaccum.probe import MemoryModel, Trial, default_headroom, search
+from autoaccum.search import MemoryModel, Trial, default_headroom, search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from strategies import backoff, doubling_then_bisect, exact_bisect  # noqa: E402
