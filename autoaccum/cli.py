@@ -167,7 +167,7 @@ def _run_probe(args) -> int:
                               "the probe failed")
         trials, usable, title = result.trials, result.limit_bytes, f"probe on {result.device['name']}"
         if result.from_cache:
-            title += " (from cache; --no-cache to measure again)"
+            title += " (cached answer, confirmed by one trial; --no-cache to search again)"
     plan = make_plan(args.target_batch, result.max_micro_batch, args.world_size)
     mm = result.memory_model
     print(f"autoaccum {title}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +43,8 @@ from .tracker import ROUND_CUDA, LiveBytes
 from .trial import TrackerMeter, TrialRunner, sample_factory
 from .update import Updater
 
+DEVICE_KINDS = ("cuda", "cpu")
+
 
 @dataclass
 class Estimate:
@@ -55,10 +58,15 @@ class Estimate:
     runs: list[Trial]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    dry_run: Callable[[int], Trial] | None = field(default=None, repr=False, compare=False)
 
     def peak_bytes(self, micro_batch: int) -> int:
-        """Predicted peak allocated bytes of one micro-batch step (forward, backward, optimizer)."""
+        """Predicted peak bytes of one micro-batch step (forward, backward, optimizer): a dry run at
+        ``micro_batch`` (nothing is allocated, so it is cheap and exact where the memory curve is not
+        a line, e.g. a kernel that switches at some size); the memory model when no dry run is at hand."""
         check_positive_int("micro_batch", micro_batch)
+        if self.dry_run is not None:
+            return self.dry_run(micro_batch).peak_bytes
         if self.memory_model is None:
             raise ValueError("no dry run succeeded, so there is no memory model")
         return int(round(self.memory_model.peak(micro_batch)))
@@ -77,85 +85,113 @@ class Estimate:
 
 def estimate(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | None = None,
              amp_dtype: torch.dtype | None = None, count_fn=None, device_memory: int | str = "80GiB",
-             max_micro_batch: int | None = None, context_bytes: int | str = "512MiB",
-             workspace_bytes: int | str = "32MiB", headroom: int | str | None = None,
+             max_micro_batch: int | None = None, context_bytes: int | str | None = None,
+             workspace_bytes: int | str | None = None, headroom: int | str | None = None,
              max_runs: int = 8, accum_dtype: torch.dtype | str | None = "auto",
-             master_weights: bool = False, copy_inputs: bool = True) -> Estimate:
+             master_weights: bool = False, device_kind: str = "cuda") -> Estimate:
     """Predict the largest micro-batch for a GPU with ``device_memory`` bytes, allocating nothing.
 
     ``model`` may live anywhere, the meta device included (build big models under
     ``torch.device("meta")`` to size them on a laptop); ``optimizer`` only lends its class and
     hyperparameters. ``sample`` is as in :func:`autoaccum.probe` (meta tensors work too);
-    ``accum_dtype``/``master_weights`` as in :func:`autoaccum.fit`. ``copy_inputs``: count each
-    micro-batch's copy on the device (``Trainer.step`` moves it there from the host); ``False``
-    when the data already lives on the device that is sized (the CPU).
+    ``accum_dtype``/``master_weights`` as in :func:`autoaccum.fit`. ``device_kind="cuda"`` models
+    a GPU: the caching allocator's 512-byte rounding, each micro-batch's copy from the host, a cuBLAS
+    workspace and the CUDA context (``workspace_bytes``/``context_bytes``, default 32 and 512 MiB);
+    ``"cpu"`` sizes a device where the data already lives and none of that applies (both default 0).
     """
     started = time.perf_counter()
     amp, accum = check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights)
     cap = DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch
     check_positive_int("max_micro_batch", cap)
     check_positive_int("max_runs", max_runs)
+    if device_kind not in DEVICE_KINDS:
+        raise ValueError(f"device_kind must be 'cuda' (a GPU) or 'cpu'; got {device_kind!r}")
+    cuda = device_kind == "cuda"
     total = parse_bytes(device_memory, "device_memory")
-    context = parse_bytes(context_bytes, "context_bytes", allow_zero=True)
-    workspace = parse_bytes(workspace_bytes, "workspace_bytes", allow_zero=True)
+    context = parse_bytes(context_bytes if context_bytes is not None else "512MiB" if cuda else 0,
+                          "context_bytes", allow_zero=True)
+    workspace = parse_bytes(workspace_bytes if workspace_bytes is not None else "32MiB" if cuda else 0,
+                            "workspace_bytes", allow_zero=True)
     fixed_headroom = parse_bytes(headroom, "headroom", allow_zero=True) if headroom is not None else None
     usable = total - context
     if usable <= 0:
         raise ValueError(f"device_memory={device_memory!r} leaves nothing after the CUDA context "
                          f"({format_bytes(context)}); pass a larger device_memory or a smaller context_bytes")
-    if not isinstance(copy_inputs, bool):
-        raise TypeError(f"copy_inputs must be True or False; got {copy_inputs!r}")
     make_real, _ = sample_factory(sample)
-    streams = rng.capture()         # sample(n) and the model may draw random numbers: leave every stream as found
-    try:
-        best, runs, mem_model, head = _dry_runs(model, optimizer, make_real, loss_fn, amp, accum, master_weights,
-                                                usable, cap, workspace, fixed_headroom, max_runs, copy_inputs)
-    finally:
-        rng.restore(streams)
-    notes = [f"fake CPU dry runs; modelled CUDA: 512-byte block rounding, {format_bytes(workspace)} cuBLAS "
-             f"workspace, {format_bytes(context)} CUDA context outside the allocator",
-             "not modelled: allocator fragmentation (covered by the headroom), cuDNN workspaces, "
-             "CUDA-only kernels and autocast differences between CPU and CUDA"]
+    dry_run = _DryRun(model, optimizer, make_real, loss_fn, amp, accum, master_weights, workspace, cuda)
+    best, runs, mem_model, head = dry_run.search(usable, cap, fixed_headroom, max_runs)
+    if cuda:
+        notes = [f"fake CPU dry runs; modelled CUDA: 512-byte block rounding, each micro-batch's copy from the "
+                 f"host, {format_bytes(workspace)} cuBLAS workspace, {format_bytes(context)} CUDA context outside "
+                 f"the allocator",
+                 "not modelled: allocator fragmentation (covered by the headroom), cuDNN workspaces, "
+                 "CUDA-only kernels and autocast differences between CPU and CUDA"]
+    else:
+        notes = ["fake CPU dry runs sized for the CPU: live tensor bytes, no rounding, data already in memory"]
     if optimizer is None:
         notes.append("no optimizer: its state and step are not counted")
     return Estimate(max_micro_batch=best, memory_model=mem_model, device_memory_bytes=total,
                     usable_bytes=usable, headroom_bytes=head, runs=runs, notes=notes,
-                    seconds=time.perf_counter() - started)
+                    seconds=time.perf_counter() - started, dry_run=dry_run)
 
 
-def _dry_runs(model, optimizer, make_real, loss_fn, amp, accum, master_weights, usable, cap, workspace,
-              fixed_headroom, max_runs, copy_inputs):
-    """The probe's search over training steps on a fake copy of the model: nothing is allocated."""
-    from torch._subclasses.fake_tensor import FakeTensorMode  # heavy; only the estimator needs it
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # sample(n) may slice real data
-    fake_model, fake_of = _fake_copy(model, fake_mode)
-    fake_opt = _fake_optimizer(optimizer, fake_of, fake_mode) if optimizer is not None else None
+class _DryRun:
+    """The training step on a fake copy of the model, measured by a tracker: nothing is allocated.
+    It stays usable after the search, so :meth:`Estimate.peak_bytes` runs one at any size."""
 
-    def make_batch(n: int):
-        return batching.map_leaves(make_real(n), lambda t: _fake_like(torch.as_tensor(t), fake_mode))
+    def __init__(self, model, optimizer, make_real, loss_fn, amp, accum, master_weights, workspace, cuda):
+        from torch._subclasses.fake_tensor import FakeTensorMode  # heavy; only the estimator needs it
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)   # sample(n) may slice real data
+        fake_model, fake_of = _fake_copy(model, self.mode)
+        fake_opt = _fake_optimizer(optimizer, fake_of, self.mode) if optimizer is not None else None
+        mode = self.mode
 
-    def to_device(batch):
-        return batching.map_leaves(batch, torch.clone)   # the host-to-device copy, counted like on a GPU
+        def make_batch(n: int):
+            return batching.map_leaves(make_real(n), lambda t: _fake_like(torch.as_tensor(t), mode))
 
-    grad_buffer = None
-    if accum is not None:
-        with fake_mode:
-            grad_buffer = GradBuffer(list(fake_model.parameters()), accum)
-    held = list(fake_model.parameters()) + list(fake_model.buffers())
-    held += list(grad_buffer.flat.values()) if grad_buffer is not None else []
-    tracker = LiveBytes(held, extra_bytes=workspace, round_to=ROUND_CUDA)
-    runner = TrialRunner(fake_model, fake_opt, make_batch, loss_fn, amp, torch.device("cpu"),
-                         TrackerMeter(tracker), grad_buffer, Updater(master_weights),
-                         move=to_device if copy_inputs else (lambda batch: batch))
-    try:
-        with fake_mode, tracker:
-            return search(runner, usable, cap, headroom=fixed_headroom, allocator=True, max_trials=max_runs)
-    except Exception as e:
-        if type(e).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException",
-                                "UnsupportedOperatorException"):
-            raise RuntimeError(f"estimate cannot dry-run this model on fake tensors ({type(e).__name__}: {e}); "
-                               f"its forward depends on tensor values. Use autoaccum.probe on the device") from e
-        raise
+        def to_device(batch):
+            return batching.map_leaves(batch, torch.clone)   # the host-to-device copy, counted as on a GPU
+
+        grad_buffer = None
+        if accum is not None:
+            with self.mode:
+                grad_buffer = GradBuffer(list(fake_model.parameters()), accum)
+        held = list(fake_model.parameters()) + list(fake_model.buffers())
+        held += list(grad_buffer.flat.values()) if grad_buffer is not None else []
+        self.tracker = LiveBytes(held, extra_bytes=workspace, round_to=ROUND_CUDA if cuda else 1)
+        self.runner = TrialRunner(fake_model, fake_opt, make_batch, loss_fn, amp, torch.device("cpu"),
+                                  TrackerMeter(self.tracker), grad_buffer, Updater(master_weights),
+                                  move=to_device if cuda else (lambda batch: batch))
+        self._peaks: dict[int, Trial] = {}
+        self.cuda = cuda
+
+    def search(self, usable: int, cap: int, fixed_headroom: int | None, max_runs: int):
+        return self._within(lambda: search(self._remembered, usable, cap, headroom=fixed_headroom,
+                                           allocator=self.cuda, max_trials=max_runs))
+
+    def __call__(self, n: int) -> Trial:
+        return self._peaks[n] if n in self._peaks else self._within(lambda: self._remembered(n))
+
+    def _remembered(self, n: int) -> Trial:
+        trial = self.runner(n)
+        self._peaks[n] = trial
+        return trial
+
+    def _within(self, fn):
+        """Run under the fake mode and the tracker, leaving every random stream as it was
+        (``sample(n)`` and the model may draw random numbers)."""
+        streams = rng.capture()
+        try:
+            with self.mode, self.tracker:
+                return fn()
+        except Exception as e:
+            if type(e).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException",
+                                    "UnsupportedOperatorException"):
+                raise RuntimeError(f"estimate cannot dry-run this model on fake tensors ({type(e).__name__}: {e}); "
+                                   f"its forward depends on tensor values. Use autoaccum.probe on the device") from e
+            raise
+        finally:
+            rng.restore(streams)
 
 
 def _fake_like(t: torch.Tensor, mode) -> torch.Tensor:

@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import batch as batching
 from .batchnorm import MODES as BATCHNORM_MODES
 from .checks import check_amp_dtype, check_callable, check_master_weights, resolve_accum_dtype
-from .distributed import SYNC_MODES, Topology
+from .distributed import SYNC_MODES, PeerFailure, Topology
+from .memory import parse_bytes
+from .plan import Plan
 from .plan import plan as make_plan
-from .probe import probe
+from .probe import ProbeResult, probe
 from .trainer import CountFn, LossFn, Trainer
 
 
-def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *,
+def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer | None = None, *,
         loss_fn: LossFn | None = None, micro_batch: int | None = None, scheduler: Any = None,
         max_grad_norm: float | None = None, amp_dtype: torch.dtype | str | None = None,
         count_fn: CountFn | None = None, batchnorm: str | None = None,
@@ -30,13 +34,16 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
         sync: str = "deferred", oom_retry: bool = True, regrow_after: int | None = None) -> Trainer:
     """Set up exact large-batch training of ``model`` with an effective batch of ``target_batch``.
 
+    ``optimizer`` defaults to ``torch.optim.AdamW(model.parameters())`` with torch's defaults
+    (``fused=True`` when every parameter is on CUDA).
     ``loss_fn(model, micro_batch)`` returns the MEAN loss over the micro-batch's items; without
     it the model's own output must carry the loss (``out.loss`` or ``out["loss"]``).
     ``count_fn(micro_batch)`` counts those items (default: samples), e.g. non-padding tokens.
     ``micro_batch`` is the largest micro-batch to run; ``None`` means find it with
     :func:`autoaccum.probe` on ``sample`` (the worst-case batch, or ``sample(n)``) under
-    ``memory_budget``, with results cached unless ``probe_cache=False``; under DDP every rank probes
-    and all take the smallest result. ``amp_dtype`` is ``torch.float16`` (with dynamic loss
+    ``memory_budget``, with results cached unless ``probe_cache=False``; with no ``sample`` either,
+    the first batch given to :meth:`Trainer.step` is probed. Under DDP every rank probes and all
+    take the smallest result. ``amp_dtype`` is ``torch.float16`` (with dynamic loss
     scaling) or ``torch.bfloat16``.
     ``batchnorm`` is ``"micro"``, ``"freeze"`` or ``"step"`` (see :mod:`autoaccum.batchnorm`).
     ``device`` is where micro-batches are moved before the forward (default: the model's).
@@ -54,7 +61,11 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
     params = [p for p in model.parameters()]
     if not any(p.requires_grad for p in params):
         raise ValueError("model has no parameter that requires grad, so there is nothing to train")
-    _check_optimizer(optimizer, params)
+    default_optimizer = optimizer is None
+    if optimizer is not None:
+        _check_optimizer(optimizer, params)
+    elif scheduler is not None:
+        raise ValueError("scheduler needs the optimizer it was built for: pass that optimizer= too")
     _check_dense_gradients(model)
     _check_scheduler(scheduler, optimizer)
     check_callable("loss_fn", loss_fn, "loss_fn(model, micro_batch) -> scalar mean loss")
@@ -81,28 +92,76 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer, *
     accum = _accum_for(topology, accum_dtype, params)
     check_master_weights(master_weights, accum)
 
+    if memory_budget is not None:
+        parse_bytes(memory_budget)          # a bad budget fails here, not at the first step
+    if not isinstance(probe_cache, bool):
+        raise TypeError(f"probe_cache must be True or False; got {probe_cache!r}")
+
     world_size = topology.world_size
+    the_plan = make_plan(target_batch, micro_batch if micro_batch is not None else 1, world_size)
+    if micro_batch is not None:
+        sizer = None
+    elif topology.kind == "fsdp2":
+        raise ValueError("fit cannot probe an FSDP2 model: its trials would need every rank in lockstep. "
+                         "Probe the unsharded model on one GPU (autoaccum.probe) or pass micro_batch=")
+    else:
+        def run_probe(batch: Any) -> ProbeResult:
+            # Trials run on the wrapped module, so no rank ever waits in a collective for another's trial.
+            return probe(topology.module, batch, optimizer=optimizer, loss_fn=loss_fn, amp_dtype=amp,
+                         count_fn=count_fn, device=dev, max_micro_batch=the_plan.per_rank_batch,
+                         memory_budget=memory_budget, cache=probe_cache, world_size=world_size,
+                         accum_dtype=accum, master_weights=master_weights)
+        sizer = Sizer(target_batch, the_plan.per_rank_batch, world_size, topology, run_probe)
+    if optimizer is None:
+        optimizer = default_optimizer_for(params)
     probe_result = None
-    if micro_batch is None:
-        if sample is None:
-            raise ValueError("pass micro_batch= (the largest micro-batch to run) or sample= (a batch to "
-                             "probe memory with) so autoaccum can find the micro-batch")
-        if topology.kind == "fsdp2":
-            raise ValueError("fit cannot probe an FSDP2 model: its trials would need every rank in lockstep. "
-                             "Probe the unsharded model on one GPU (autoaccum.probe) or pass micro_batch=")
-        per_rank = make_plan(target_batch, 1, world_size).per_rank_batch  # checks target/world first
-        # Trials run on the wrapped module, so no rank ever waits in a collective for another's trial.
-        probe_result = probe(topology.module, sample, optimizer=optimizer, loss_fn=loss_fn, amp_dtype=amp,
-                             count_fn=count_fn, device=dev, max_micro_batch=per_rank,
-                             memory_budget=memory_budget, cache=probe_cache, world_size=world_size,
-                             accum_dtype=accum, master_weights=master_weights)
-        micro_batch = topology.agree_min(probe_result.max_micro_batch)
-    the_plan = make_plan(target_batch, micro_batch, world_size)
-    return Trainer(model, optimizer, the_plan, loss_fn=loss_fn, scheduler=scheduler,
-                   max_grad_norm=max_grad_norm, amp_dtype=amp, count_fn=count_fn,
-                   batchnorm=batchnorm, device=dev, probe_result=probe_result, accum_dtype=accum,
-                   master_weights=master_weights, topology=topology, oom_retry=oom_retry,
-                   regrow_after=regrow_after)
+    if sizer is not None and sample is not None:
+        the_plan, probe_result = sizer(sample, lazy=False)
+        sizer = None
+    trainer = Trainer(model, optimizer, the_plan if sizer is None else None, loss_fn=loss_fn, scheduler=scheduler,
+                      max_grad_norm=max_grad_norm, amp_dtype=amp, count_fn=count_fn,
+                      batchnorm=batchnorm, device=dev, probe_result=probe_result, accum_dtype=accum,
+                      master_weights=master_weights, topology=topology, oom_retry=oom_retry,
+                      regrow_after=regrow_after, sizer=sizer, default_optimizer=default_optimizer)
+    return trainer
+
+
+def default_optimizer_for(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """``AdamW`` with torch's defaults over ``params``; the fused kernel when all of them are on CUDA."""
+    fused = bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, fused=True) if fused else torch.optim.AdamW(params)
+
+
+class Sizer:
+    """Finds the plan by probing a batch: ``fit``'s ``sample=``, or the first batch given to
+    ``Trainer.step``. Under data parallelism every rank probes and all take the smallest answer; a
+    rank whose probe fails tells the others (it proposes 0) instead of leaving them waiting."""
+
+    def __init__(self, target_batch: int, per_rank: int, world_size: int, topology: Topology,
+                 run_probe: Callable[[Any], ProbeResult]):
+        self.target_batch, self.per_rank, self.world_size = target_batch, per_rank, world_size
+        self.topology, self.run_probe = topology, run_probe
+
+    def __call__(self, batch: Any, lazy: bool = True) -> tuple[Plan, ProbeResult]:
+        try:
+            if lazy:
+                n = batching.batch_size(batch)
+                if n > self.per_rank:
+                    raise ValueError(
+                        f"batch has {n} samples but this rank's share of target_batch={self.target_batch} is "
+                        f"{self.per_rank}; give step() one optimizer step of samples "
+                        f"(e.g. DataLoader(batch_size={self.per_rank}))")
+            result = self.run_probe(batch)
+        except BaseException:
+            self.topology.agree_min(0)
+            raise
+        micro_batch = self.topology.agree_min(result.max_micro_batch)
+        if micro_batch < 1:
+            raise PeerFailure("another rank could not probe its micro-batch (its error says why); this rank stops too")
+        return make_plan(self.target_batch, micro_batch, self.world_size), result
+
+    def __repr__(self) -> str:
+        return f"target {self.target_batch}: micro-batch probed on the first batch given to step()"
 
 
 def _accum_for(topology: Topology, accum_dtype: Any, params: list[torch.Tensor]) -> torch.dtype | None:

@@ -128,16 +128,21 @@ class Trainer:
     Build it with :func:`autoaccum.fit`, which validates the arguments and finds the plan.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan, *,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, plan: Plan | None, *,
                  loss_fn: LossFn | None, scheduler, max_grad_norm: float | None,
                  amp_dtype: torch.dtype | None, count_fn: CountFn | None,
                  batchnorm: str | None, device: torch.device, probe_result=None,
                  accum_dtype: torch.dtype | None = None, master_weights: bool = False,
                  backend: str | None = None, topology: Topology | None = None,
-                 oom_retry: bool = True, regrow_after: int | None = None):
+                 oom_retry: bool = True, regrow_after: int | None = None,
+                 sizer: Callable[[Any], tuple[Plan, Any]] | None = None, default_optimizer: bool = False):
+        if plan is None and sizer is None:
+            raise ValueError("a Trainer needs a plan, or a sizer that makes one from the first batch")
         self.model = model
         self.optimizer = optimizer
-        self.plan = plan
+        self.default_optimizer = default_optimizer   # fit built it: AdamW with torch's defaults
+        self.plan = plan                              # None until the first batch is sized (lazy probing)
+        self._sizer = sizer
         self.loss_fn = loss_fn
         self.scheduler = scheduler
         self.max_grad_norm = max_grad_norm
@@ -148,7 +153,7 @@ class Trainer:
         self.backend = backend
         self.topology = topology or Topology(model)
         self.oom_retry = oom_retry
-        self.max_micro_batch = plan.micro_batch   # what the plan started with; regrowth never exceeds it
+        self.max_micro_batch = plan.micro_batch if plan else 0   # the first plan's; regrowth never exceeds it
         self.scaler = LossScaler(device) if amp_dtype == torch.float16 else None
         self.steps = 0          # optimizer updates applied
         self.skipped_steps = 0  # steps skipped for non-finite values
@@ -157,7 +162,9 @@ class Trainer:
         self._running_stats = RunningStats(model, batchnorm)
         self._params = self._trainable()
         self._accum_dtype = accum_dtype
-        self.buffer = GradBuffer(self._params, accum_dtype, backend=backend) if accum_dtype is not None else None
+        self.buffer = None     # with a pending plan, built after sizing (the probe holds a buffer of its own)
+        if accum_dtype is not None and plan is not None:
+            self.buffer = GradBuffer(self._params, accum_dtype, backend=backend)
         self.updater = Updater(master_weights)
         self._lockstep = _PreForward(model, (lambda: self._agree(None, final=False)) if self.topology.lockstep else None)
         self.closed = False
@@ -174,6 +181,8 @@ class Trainer:
         if self.closed:
             raise RuntimeError("this Trainer was closed (its gradient buffer is gone); make a new one with autoaccum.fit")
         started = time.perf_counter()
+        if self.plan is None:
+            self._size(batch)
         events: list[str] = []
         plan = self.plan
         try:
@@ -218,6 +227,13 @@ class Trainer:
         if any(c == 0 for c in counts):
             stats.events.append(f"skipped {counts.count(0)} micro-batch(es) with no items")
         return stats
+
+    def _size(self, batch: Any) -> None:
+        """Lazy sizing: the first batch given to :meth:`step` is the probe's sample."""
+        plan, result = self._sizer(batch)
+        self.plan, self.probe_result, self.max_micro_batch = plan, result, plan.micro_batch
+        self._sizer = None
+        log.info("autoaccum: probed the first batch: %s", plan)
 
     def _trainable(self) -> list[torch.Tensor]:
         """What this step trains: the model's parameters that require grad, and any others the
@@ -441,6 +457,10 @@ class Trainer:
     def set_micro_batch(self, micro_batch: int) -> Plan:
         """Re-plan with a new micro-batch limit; the effective batch (``target_batch``) is unchanged."""
         check_positive_int("micro_batch", micro_batch, "the largest micro-batch to run")
+        if self.plan is None:           # chosen by hand before the first batch: nothing left to probe
+            self.plan = make_plan(self._sizer.target_batch, micro_batch, self._sizer.world_size)
+            self.max_micro_batch, self._sizer = self.plan.micro_batch, None
+            return self.plan
         self.plan = make_plan(self.plan.target_batch, micro_batch, self.plan.world_size)
         return self.plan
 
@@ -650,10 +670,18 @@ class Trainer:
         return history
 
     def __repr__(self) -> str:
-        buf = f", accum_dtype={self.buffer.dtype}" if self.buffer is not None else ""
+        buf = f", accum_dtype={self._accum_dtype}" if self._accum_dtype is not None else ""
         par = f", {self.topology.kind} x{self.topology.world_size}" if self.topology.distributed else ""
-        return (f"Trainer({type(self.model).__name__}, {self.plan}, amp={self.amp_dtype}, "
-                f"device={self.device}{buf}{par})")
+        plan = self.plan if self.plan is not None else self._sizer
+        return (f"Trainer({type(self.model).__name__}, {plan}, optimizer={_describe_optimizer(self)}, "
+                f"amp={self.amp_dtype}, device={self.device}{buf}{par})")
+
+
+def _describe_optimizer(trainer: Trainer) -> str:
+    opt = trainer.optimizer
+    group = opt.param_groups[0] if opt.param_groups else {}
+    shown = ", ".join(f"{k}={group[k]}" for k in ("lr", "weight_decay", "fused") if group.get(k) is not None)
+    return f"{type(opt).__name__}({shown}{', default' if trainer.default_optimizer else ''})"
 
 
 def _local(g: torch.Tensor) -> torch.Tensor:

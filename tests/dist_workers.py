@@ -260,6 +260,26 @@ def probe_agree(rank):
             "loss": trainer.step(rank_batch(0, rank)).loss}
 
 
+def probe_lazy(rank):
+    """fit(model, target_batch) as written: no optimizer, no micro_batch, no sample; the first batch
+    given to step() is probed on every rank, and all take the smallest answer."""
+    model = DDP(make_model())
+    trainer = autoaccum.fit(model, 2 * PER_RANK, loss_fn=lm_loss, count_fn=count_tokens,
+                            memory_budget="6MiB" if rank == 0 else "64MiB", probe_cache=False)
+    pending = repr(trainer)
+    loss = trainer.step(rank_batch(0, rank)).loss
+    return {"pending": pending, "limit": trainer.plan.micro_batch, "own": trainer.probe_result.max_micro_batch,
+            "loss": loss, "optimizer": type(trainer.optimizer).__name__}
+
+
+def probe_fails_on_one_rank(rank):
+    """Rank 0's probe cannot fit one sample: it raises, and rank 1 is told instead of waiting."""
+    model = DDP(make_model())
+    trainer = autoaccum.fit(model, 2 * PER_RANK, loss_fn=lm_loss, probe_cache=False,
+                            memory_budget="64KiB" if rank == 0 else "64MiB")
+    return {"error": _error_of(lambda: trainer.step(rank_batch(0, rank)))}
+
+
 def fsdp2_oom(rank):
     from torch.distributed.fsdp import fully_shard
     model = make_model()
@@ -285,7 +305,7 @@ def _error_of(fn) -> tuple[str, str] | None:
 
 SCENARIOS = {f.__name__: f for f in (ddp_deferred, ddp_overlap, fsdp2, ddp_oom_step0, ddp_clean_micro4,
                                       ddp_oom_step1, ddp_bn_oom, optimizer_only_tensor, peer_error, bad_batch, probe_agree,
-                                      fsdp2_oom, plain_model)}
+                                      probe_lazy, probe_fails_on_one_rank, fsdp2_oom, plain_model)}
 
 
 def worker(rank: int, world: int, port: int, names: list[str], outdir: str) -> None:

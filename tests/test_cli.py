@@ -88,7 +88,7 @@ def test_probe_command_prints_trials_model_and_plan(tmp_path, monkeypatch, capsy
     assert (tmp_path / "mem.png").read_bytes()[:4] == b"\x89PNG"
     again = probe_cli(tmp_path, monkeypatch, capsys, "--model", "mymodels:build", "--sample", "mymodels:sample", "--target-batch",
                       "4096", "--memory-budget", "8MiB")
-    assert "from cache" in again.stdout
+    assert "cached answer, confirmed by one trial" in again.stdout
 
 
 def test_probe_command_estimates_without_allocating(tmp_path, monkeypatch, capsys):

@@ -149,7 +149,8 @@ def test_oom_before_the_forward_of_a_model_with_buffers_recovers_without_deadloc
 
 @pytest.fixture(scope="module")
 def failures(tmp_path_factory):
-    return run_group(["peer_error", "bad_batch", "probe_agree", "fsdp2_oom", "plain_model"],
+    return run_group(["peer_error", "bad_batch", "probe_agree", "probe_lazy", "probe_fails_on_one_rank", "fsdp2_oom",
+                      "plain_model"],
                      tmp_path_factory.mktemp("errors"))
 
 
@@ -172,6 +173,20 @@ def test_probe_results_are_agreed_across_ranks(failures):
     assert r0["own"] < r1["own"], "rank 0 had the smaller budget"
     assert r0["limit"] == r1["limit"] == r0["own"]
     assert r0["loss"] == r1["loss"]
+
+
+def test_fit_as_written_probes_the_first_batch_and_agrees_across_ranks(failures):
+    r0, r1 = failures["probe_lazy"]
+    assert "probed on the first batch" in r0["pending"] and "AdamW" in r0["pending"]
+    assert r0["own"] < r1["own"], "rank 0 had the smaller budget"
+    assert r0["limit"] == r1["limit"] == r0["own"]
+    assert r0["loss"] == r1["loss"] and r0["optimizer"] == "AdamW"
+
+
+def test_a_probe_that_fails_on_one_rank_stops_the_other_without_deadlock(failures):
+    r0, r1 = failures["probe_fails_on_one_rank"]
+    assert r0["error"][0] == "NotEnoughMemoryError", r0
+    assert r1["error"][0] == "PeerFailure", r1
 
 
 def test_oom_under_fsdp2_is_reported_not_retried(failures):

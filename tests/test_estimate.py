@@ -39,7 +39,7 @@ def test_estimate_is_within_5_percent_of_the_real_trainers_peak(name):
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     est = autoaccum.estimate(model, make_sample(4), optimizer=opt, loss_fn=loss_fn, device_memory="96MiB",
-                             context_bytes=0, workspace_bytes=0, copy_inputs=False)   # the CUDA-only terms off
+                             device_kind="cpu")   # the CUDA-only terms off
     setup = ruler.Setup(lambda: (make_model(), lambda params: torch.optim.AdamW(params, lr=1e-3)),
                         make_sample, loss_fn)
     for n in (3, 17, est.max_micro_batch):
@@ -130,3 +130,17 @@ def test_estimate_is_within_10_percent_of_the_gpu_allocator(name):
     step(to_device(sample(n), torch.device("cuda")))
     measured = torch.cuda.max_memory_allocated()
     assert abs(est.peak_bytes(n) - measured) <= 0.10 * measured, (est.peak_bytes(n), measured)
+
+
+def test_a_cuda_estimate_adds_the_gpu_terms_to_the_cpu_one():
+    """The micro-batch's copy on the device, 512-byte rounding, cuBLAS workspace: never less than the CPU's."""
+    model = mlp(torch.float32, d_in=256, hidden=512, d_out=256)
+    sample = regression_batch(4, torch.float32, d_in=256, d_out=256)
+    cpu = autoaccum.estimate(model, sample, loss_fn=mse_loss, device_memory="1GiB", device_kind="cpu")
+    gpu = autoaccum.estimate(model, sample, loss_fn=mse_loss, device_memory="1GiB", workspace_bytes="1MiB",
+                             context_bytes=0)
+    for n in (1, 100, 1000):
+        inputs = 2 * n * 256 * 4
+        assert gpu.peak_bytes(n) >= cpu.peak_bytes(n) + inputs + (1 << 20), n
+    with pytest.raises(ValueError, match="device_kind must be 'cuda'"):
+        autoaccum.estimate(model, sample, loss_fn=mse_loss, device_kind="gpu")

@@ -233,3 +233,13 @@ def test_real_out_of_memory_under_an_address_space_limit():
     assert best >= 1 and n_ooms >= 1, r.stdout
     assert "can't allocate memory" in r.stdout or "MemoryError" in r.stdout
     assert "STEP False" in r.stdout
+
+
+def test_notes_tell_the_truth_about_the_limit():
+    model = mlp()
+    budgeted = autoaccum.probe(model, regression_batch(4), loss_fn=mse_loss, memory_budget="64MiB", cache=False,
+                               max_micro_batch=8)
+    assert not any("default" in n for n in budgeted.notes), budgeted.notes
+    assert any("memory_budget 64.00 MiB caps" in n for n in budgeted.notes)
+    default = autoaccum.probe(model, regression_batch(4), loss_fn=mse_loss, cache=False, max_micro_batch=8)
+    assert any("50% of available RAM by default" in n for n in default.notes), default.notes

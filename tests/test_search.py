@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from autoaccum.search import MemoryModel, Trial, default_headroom, search
+from autoaccum.search import STOP_GAIN, MemoryModel, Trial, default_headroom, search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from strategies import backoff, doubling_then_bisect, exact_bisect  # noqa: E402
@@ -116,3 +116,23 @@ def test_headroom_keeps_within_five_percent_on_small_rooms():
     assert default_headroom(2 * GiB, 1900 * MiB, True) == int(0.04 * 148 * MiB)
     assert default_headroom(80 * GiB, 20 * GiB, True) == int(0.02 * 60 * GiB)
     assert default_headroom(80 * GiB, 79 * GiB, False) == int(0.02 * GiB)
+
+
+@pytest.mark.parametrize("real_oom", [True, False], ids=["oom", "budget"])
+@pytest.mark.parametrize("name", CURVES)
+@pytest.mark.parametrize("change", [0.5, 0.9, 1.1, 2.0], ids=["half", "-10%", "+10%", "double"])
+def test_a_stale_cached_answer_is_searched_again_from_its_trial(name, real_oom, change):
+    """The device's per-sample memory changed since the answer was cached: the confirmation trial at
+    the old answer starts the search (with the old model's slope as a hint), and the answer is as good
+    as a fresh search's, never above the true maximum."""
+    peak, capacity, base = CURVES[name]
+    old = SimDevice(peak, capacity, base, real_oom)
+    cached, old_trials, old_model, _ = search(old, capacity, 1 << 16, allocator=True)
+    now = SimDevice(lambda n: base + (peak(n) - base) * change, capacity, base, real_oom)
+    first = now(cached)
+    found, trials, _, _ = search(now, capacity, 1 << 16, allocator=True, first=first, hint=old_model)
+    true = now.true_max(1 << 16)
+    fresh = search(SimDevice(now.peak, capacity, base, real_oom), capacity, 1 << 16, allocator=True)[0]
+    assert trials[0] is first and found <= true, (found, true, now.calls)
+    assert found >= fresh * (1 - STOP_GAIN) - 1, (found, fresh, true, now.calls)
+    assert len(trials) <= 6, now.calls
