@@ -167,14 +167,18 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
     if cache:
         # A budget is exact; a device's free memory drifts, so it is compared in 64 MiB steps.
         limit_key = limit if budget is not None and limit == budget else f"device~{limit >> 26}x64MiB"
-        key = probe_cache.fingerprint(
-            model=probe_cache.describe_model(model), sample=sample_desc,
-            sample_fn=probe_cache.describe_callable(sample) if "callable" in sample_desc else None,
-            optimizer=probe_cache.describe_optimizer(optimizer), amp=str(amp),
-            loss_fn=probe_cache.describe_callable(loss_fn), device=[reading.name, reading.total_bytes],
-            limit=limit_key, max_micro_batch=cap, world_size=world_size, headroom=fixed_headroom,
-            max_trials=max_trials, gradients=[str(accum), master_weights])
-        cached = probe_cache.load(key, cap)
+        try:
+            key = probe_cache.fingerprint(
+                model=probe_cache.describe_model(model), sample=sample_desc,
+                sample_fn=probe_cache.describe_callable(sample) if "callable" in sample_desc else None,
+                optimizer=probe_cache.describe_optimizer(optimizer), amp=str(amp),
+                loss_fn=probe_cache.describe_callable(loss_fn), device=[reading.name, reading.total_bytes],
+                limit=limit_key, max_micro_batch=cap, world_size=world_size, headroom=fixed_headroom,
+                max_trials=max_trials, gradients=[str(accum), master_weights])
+        except Exception as e:  # noqa: BLE001 - user objects with odd attributes must not stop the probe
+            notes.append(f"the probe cache is off for this model: its fingerprint failed ({type(e).__name__}: {e})")
+            key = None
+        cached = probe_cache.load(key, cap) if key is not None else None
 
     guard = StateGuard(model, optimizer)
     tracker = None
@@ -226,7 +230,7 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
     result = ProbeResult(max_micro_batch=best, trials=trials, memory_model=mem_model, limit_bytes=limit,
                          headroom_bytes=head, device=reading.to_dict(), notes=notes,
                          seconds=time.perf_counter() - started, from_cache=from_cache, cache_key=key)
-    if cache and not from_cache:
+    if key is not None and not from_cache:
         probe_cache.store(key, result.to_dict())
     return result
 

@@ -311,3 +311,26 @@ def test_concurrent_writers_lose_no_entry(cache_dir):
     data = stored(cache_dir)
     assert {f"w{w}-{i}" for w in range(10) for i in range(20)} <= set(data)
     assert [p.name for p in cache_dir.iterdir() if p.name.endswith(".tmp")] == []
+
+
+class Hostile:
+    """A config-like object whose attributes cannot be read."""
+
+    def __init__(self):
+        self.ok = 1
+
+    def __repr__(self):
+        raise RuntimeError("no repr for you")
+
+    @property
+    def __dict__(self):
+        raise RuntimeError("no attributes for you")
+
+
+def test_a_model_that_cannot_be_fingerprinted_is_probed_without_the_cache(cache_dir):
+    model = mlp(torch.float32, d_in=32)
+    model.settings = Hostile()
+    result = probe(model)
+    assert result.max_micro_batch > 1 and result.cache_key is None
+    assert any("probe cache is off" in n for n in result.notes)
+    assert not (cache_dir / "probe-cache.json").exists()
