@@ -162,7 +162,7 @@ def test_float64_buffer_keeps_the_exactness_guarantee():
     assert all(p.grad is None for p in acc.parameters())
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_float32_buffer_through_each_backend_matches_the_full_batch(monkeypatch, backend):
     monkeypatch.setenv("AUTOACCUM_BACKEND", backend)
     ref, acc, trainer = run_pair(lambda: mlp(torch.float32), 40, 9, accum_dtype=torch.float32, max_grad_norm=0.5)

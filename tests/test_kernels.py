@@ -12,7 +12,7 @@ from autoaccum import kernels
 from autoaccum.kernels import accumulate as tri_acc
 from autoaccum.kernels import finalize as tri_fin
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 TOL = {torch.bfloat16: 1e-6, torch.float16: 1e-6, torch.float32: 1e-6}   # fp32 arithmetic on exact inputs
 
@@ -84,6 +84,7 @@ def test_dense_accumulators_in_another_memory_order_line_up_with_their_gradients
     assert abs(clipped - 1.0) <= 1e-5
 
 
+@pytest.mark.interpreter
 def test_accumulate_results_do_not_depend_on_chunking(monkeypatch):
     gen = torch.Generator().manual_seed(4)
     sizes = sizes_many(gen, 40) + [70001]
@@ -167,6 +168,7 @@ def test_finalize_norm_survives_huge_and_tiny_values(backend, magnitude):
     assert abs(norm.item() - exact) <= 2e-6 * exact, (norm.item(), exact)
 
 
+@pytest.mark.interpreter
 def test_finalize_is_deterministic_and_chunking_independent(monkeypatch):
     gen = torch.Generator().manual_seed(8)
     grads = [randn(n, torch.float32, gen) for n in sizes_many(gen, 50)]
