@@ -249,3 +249,24 @@ def test_gpu_kernels_match_the_reference(backend):
         tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
         for g, b in zip(grads, before):
             assert torch.allclose(g.cpu().double(), b.cpu().double() * scale, rtol=tol, atol=6e-8)
+
+
+def test_the_torch_path_writes_nothing_when_nothing_is_clipped_or_unscaled():
+    gen = torch.Generator().manual_seed(12)
+    grads = [randn(n, torch.float32, gen) for n in (5, 3000)]
+    versions = [g._version for g in grads]
+    norm, _ = kernels.finalize_(grads, 1.0, max_norm=1e6, backend="torch")
+    assert [g._version for g in grads] == versions, "a x1.0 multiply was run"
+    kernels.finalize_(grads, 1.0, max_norm=norm.item() / 2, backend="torch")
+    assert [g._version for g in grads] != versions
+
+
+def test_the_torch_path_rescues_tensors_whose_float32_squares_underflow_or_overflow():
+    gen = torch.Generator().manual_seed(13)
+    tiny = (torch.randn(4000, generator=gen) * 1e-25).float()          # squares far below fp32's range
+    small = (torch.randn(7, generator=gen) * 1e-24).float()
+    huge = (torch.randn(100, generator=gen) * 1e25).bfloat16()          # squares far above it
+    for g in ([tiny, small], [tiny, small, huge]):
+        exact = torch.linalg.vector_norm(torch.cat([x.double() for x in g])).item()
+        norm, found = kernels.finalize_([x.clone() for x in g], 1.0, None, backend="torch")
+        assert found.item() == 0 and abs(norm.item() - exact) <= 2e-6 * exact, (norm.item(), exact)
