@@ -16,7 +16,7 @@ classes loaded from a file path (where ``inspect.getsource`` fails) are covered 
 
 The file is JSON, written atomically (a temporary file renamed over it) under an exclusive
 ``fcntl`` lock, so concurrent writers (ranks, parallel jobs) never lose each other's entries.
-Entries are validated when read; anything malformed is a miss, and eviction skips it.
+Entries are validated when read; anything malformed is a miss, and eviction drops it first.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import types
@@ -64,13 +65,20 @@ def fingerprint(**parts: Any) -> str:
 
 
 def describe_model(model: nn.Module) -> list:
-    """Structure, shapes, dtypes, settings, config objects and code of ``model``."""
+    """Structure, shapes, dtypes, settings, config objects and code of ``model``, and the versions of
+    the libraries its classes come from."""
     code = _CodePrints()
     modules = []
+    libraries: dict[str, str | None] = {}
     for name, m in model.named_modules():
         code.add_class(type(m))
         modules.append([name, qualname(type(m)), m.training, module_settings(m, code)])
+        for klass in type(m).__mro__:
+            if _library(klass):
+                top = (klass.__module__ or "").split(".")[0]
+                libraries[top] = str(getattr(sys.modules.get(top), "__version__", None))
     return [
+        sorted(libraries.items()),
         [[n, list(p.shape), str(p.dtype), p.requires_grad] for n, p in model.named_parameters()],
         [[n, list(b.shape), str(b.dtype)] for n, b in model.named_buffers()],
         modules,
@@ -206,8 +214,9 @@ class _CodePrints:
 
 
 def _library(obj: Any) -> bool:
-    """Code we do not fingerprint: Python itself, torch, numpy, autoaccum and other installed
-    libraries (their version is in the key via torch's; user code is what changes between runs)."""
+    """Code we do not fingerprint by bytecode: Python itself, torch, numpy, autoaccum and other
+    installed libraries (:func:`describe_model` keys on their versions instead; user code is what
+    changes between runs)."""
     module = getattr(obj, "__module__", None) or ""
     top = module.split(".")[0]
     return top in ("builtins", "torch", "numpy", "typing", "abc", "collections", "functools", "autoaccum",
@@ -277,8 +286,12 @@ def valid_entry(entry: Any, cap: int) -> bool:
             if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
                        for x in model.values()):
                 return False
+            limit = entry["limit_bytes"]      # a real model's numbers are bytes on this device
+            if not (0 <= model["per_sample_bytes"] <= limit and abs(model["fixed_bytes"]) <= limit
+                    and 0 <= model["step_bytes"] <= limit):
+                return False
         return True
-    except (KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError, ValueError, OverflowError):
         return False
 
 
@@ -325,11 +338,13 @@ def _stored_at(entry: Any) -> float:
 
 
 def _read_all() -> dict:
+    """Every entry, or nothing: an unreadable file (binary, truncated, nested past the parser's
+    recursion limit, a directory) is a miss like any other."""
     try:
         with open(cache_file()) as f:
             data = json.load(f)
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - the cache is a hint; no file may stop a probe
         return {}
 
 

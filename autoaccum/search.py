@@ -60,7 +60,10 @@ class MemoryModel:
             return 0
         if self.per_sample_bytes <= 0:
             return DEFAULT_MAX_MICRO_BATCH * 1024
-        return int(math.floor((limit - self.fixed_bytes) / self.per_sample_bytes + 1e-9))
+        n = (limit - self.fixed_bytes) / self.per_sample_bytes + 1e-9
+        if not math.isfinite(n):          # a degenerate model (e.g. from a damaged cache entry)
+            return 0 if n < 0 or math.isnan(n) else DEFAULT_MAX_MICRO_BATCH * 1024
+        return int(math.floor(n))
 
     @classmethod
     def through(cls, a: tuple[int, float], b: tuple[int, float], step_bytes: float = 0.0) -> MemoryModel:

@@ -20,9 +20,20 @@ from torch.utils._pytree import tree_leaves
 ROUND_CUDA = 512  # the CUDA caching allocator rounds every block up to a multiple of 512 bytes
 
 
+class _Storage:
+    """What the tracker knows of one storage: bytes it does not charge (a storage older than the
+    mode that nobody seeded: its size when first seen) and bytes it charges now."""
+
+    __slots__ = ("ref", "free", "charged")
+
+    def __init__(self, ref: weakref.ref, free: int, charged: int):
+        self.ref, self.free, self.charged = ref, free, charged
+
+
 class LiveBytes(TorchDispatchMode):
     """Tracks the bytes of live storages: the ``existing`` ones it is seeded with, and each one an
-    op creates while the mode is active.
+    op creates while the mode is active. A storage that grows later (``out=`` into a smaller
+    tensor, ``resize_``) is charged its growth.
 
     ``extra_bytes`` is a constant added to every reading (a workspace the allocator would hold);
     ``round_to`` models an allocator's block rounding.
@@ -34,28 +45,34 @@ class LiveBytes(TorchDispatchMode):
         self.round_to = round_to
         self.live = 0
         self.peak_live = 0
-        self._refs: dict[int, weakref.ref] = {}
-        self._foreign: dict[int, weakref.ref] = {}   # storages older than the mode that nobody seeded
+        self._known: dict[int, _Storage] = {}
         for t in existing:
-            if isinstance(t, torch.Tensor):
-                self._count(t)
+            storage = _storage(t) if isinstance(t, torch.Tensor) else None
+            if storage is not None:
+                self._admit(storage, free=False)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func._schema.is_mutable:      # in place or out=: an older storage it grows is charged the growth
+            for t in _tensors((args, kwargs)):
+                storage = _storage(t)
+                if storage is not None and self._entry(storage) is None:
+                    self._admit(storage, free=True)
         out = func(*args, **kwargs)
         inputs = None
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
             storage = _storage(t)
-            if storage is None or self._known(storage):
+            if storage is None:
+                continue
+            known = self._entry(storage)
+            if known is not None:
+                self._charge(known, storage)      # in place, a view, or out=: free unless it grew
                 continue
             if inputs is None:
                 inputs = {id(s) for s in map(_storage, _tensors((args, kwargs))) if s is not None}
-            if id(storage) in inputs:
-                self._remember_foreign(storage)   # an alias of memory that existed before: free
-            else:
-                self._count(t)
+            self._admit(storage, free=id(storage) in inputs)   # an alias of older memory costs nothing
         return out
 
     def exclude(self, tensors: Iterable[torch.Tensor]) -> None:
@@ -65,35 +82,36 @@ class LiveBytes(TorchDispatchMode):
             storage = _storage(t) if isinstance(t, torch.Tensor) else None
             if storage is None:
                 continue
-            ref = self._refs.pop(id(storage), None)
-            if ref is not None and ref() is storage:
-                self.live -= _rounded(storage.nbytes(), self.round_to)
-            self._remember_foreign(storage)
+            known = self._entry(storage) or self._admit(storage, free=True)
+            self.live -= known.charged
+            known.free, known.charged = self._size(storage), 0
 
-    def _known(self, storage: torch.UntypedStorage) -> bool:
-        for table in (self._refs, self._foreign):
-            ref = table.get(id(storage))
-            if ref is not None and ref() is storage:
-                return True
-        return False
+    def _entry(self, storage: torch.UntypedStorage) -> _Storage | None:
+        known = self._known.get(id(storage))
+        return known if known is not None and known.ref() is storage else None
 
-    def _count(self, t: torch.Tensor) -> None:
-        storage = _storage(t)
-        if storage is None or self._known(storage):
-            return
+    def _admit(self, storage: torch.UntypedStorage, free: bool) -> _Storage:
         key = id(storage)
-        size = _rounded(storage.nbytes(), self.round_to)
-        self.live += size
-        self.peak_live = max(self.peak_live, self.live)
-        self._refs[key] = weakref.ref(storage, lambda _, k=key, s=size: self._release(k, s))
+        known = _Storage(None, self._size(storage) if free else 0, 0)
+        known.ref = weakref.ref(storage, lambda _, k=key, e=known: self._release(k, e))
+        self._known[key] = known
+        self._charge(known, storage)
+        return known
 
-    def _remember_foreign(self, storage: torch.UntypedStorage) -> None:
-        key = id(storage)
-        self._foreign[key] = weakref.ref(storage, lambda _, k=key: self._foreign.pop(k, None))
+    def _charge(self, known: _Storage, storage: torch.UntypedStorage) -> None:
+        charged = max(self._size(storage) - known.free, 0)
+        if charged != known.charged:
+            self.live += charged - known.charged
+            known.charged = charged
+            self.peak_live = max(self.peak_live, self.live)
 
-    def _release(self, key: int, size: int) -> None:
-        self.live -= size
-        self._refs.pop(key, None)
+    def _release(self, key: int, known: _Storage) -> None:
+        self.live -= known.charged
+        if self._known.get(key) is known:     # the address may already hold a newer storage
+            del self._known[key]
+
+    def _size(self, storage: torch.UntypedStorage) -> int:
+        return _rounded(storage.nbytes(), self.round_to)
 
     @property
     def current(self) -> int:

@@ -28,59 +28,57 @@ from torch.utils._pytree import tree_leaves
 
 
 class StorageCensus(TorchDispatchMode):
-    """Peak bytes of live storages: the seeded ones plus every storage an op creates."""
+    """Peak bytes of live storages: the seeded ones, every storage an op creates, and what any
+    storage grows by after it was first seen (``out=`` into a smaller tensor, ``resize_``)."""
 
     def __init__(self, existing: Iterable[torch.Tensor] = ()):
         super().__init__()
-        self._live: dict[int, tuple[int, weakref.ref]] = {}
-        self._foreign: dict[int, weakref.ref] = {}   # pre-existing storages nobody seeded (the batch)
+        # _cdata -> [bytes not counted (pre-existing and unseeded: its size when first seen),
+        #            bytes counted, weak reference]
+        self._seen: dict[int, list] = {}
+        self.bytes = 0
         for t in existing:
-            self._admit(t, counted=True)
-        self.bytes = sum(n for n, _ in self._live.values())
+            st = _storage_of(t)
+            if st is not None and st._cdata not in self._seen:
+                self._seen[st._cdata] = [0, st.nbytes(), weakref.ref(st)]
+                self.bytes += st.nbytes()
         self.peak = self.bytes
 
-    def _admit(self, t: torch.Tensor, counted: bool) -> None:
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return
-        key = st._cdata
-        if key in self._live or key in self._foreign:
-            return
-        if counted:
-            self._live[key] = (st.nbytes(), weakref.ref(st))
-            if hasattr(self, "bytes"):
-                self.bytes += st.nbytes()
-        else:
-            self._foreign[key] = weakref.ref(st)
-
     def _sweep(self) -> None:
-        dead = [k for k, (_, ref) in self._live.items() if ref() is None]
-        for k in dead:
-            self.bytes -= self._live.pop(k)[0]
-        for k in [k for k, ref in self._foreign.items() if ref() is None]:
-            del self._foreign[k]
+        for key in [k for k, entry in self._seen.items() if entry[2]() is None]:
+            self.bytes -= self._seen.pop(key)[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self._sweep()
-        inputs = set()
+        before = {}
         for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor):
-                try:
-                    inputs.add(t.untyped_storage()._cdata)
-                except (RuntimeError, NotImplementedError):
-                    pass
+            st = _storage_of(t)
+            if st is not None:
+                before[st._cdata] = st.nbytes()
         out = func(*args, **kwargs)
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                try:
-                    key = t.untyped_storage()._cdata
-                except (RuntimeError, NotImplementedError):
-                    continue
-                self._admit(t, counted=key not in inputs)
+            st = _storage_of(t)
+            if st is None:
+                continue
+            key, now = st._cdata, st.nbytes()
+            entry = self._seen.get(key)
+            if entry is None:    # new memory, unless it is an input's storage nobody counted yet
+                entry = self._seen[key] = [before.get(key, 0), 0, weakref.ref(st)]
+            counted = max(now - entry[0], 0)
+            self.bytes += counted - entry[1]
+            entry[1] = counted
         self.peak = max(self.peak, self.bytes)
         return out
+
+
+def _storage_of(t) -> torch.UntypedStorage | None:
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def held_tensors(*roots: Any, depth: int = 4) -> list[torch.Tensor]:

@@ -224,8 +224,10 @@ def stored(cache_dir) -> dict:
     lambda e: e.update(memory_model={"fixed_bytes": "x"}),
     lambda e: e.pop("limit_bytes"),
     lambda e: e.update(max_micro_batch=e["max_micro_batch"] + 1),   # an answer no trial measured
+    lambda e: e["memory_model"].update(per_sample_bytes=10 ** 400),  # too big for a float
+    lambda e: e["memory_model"].update(per_sample_bytes=1e306),      # finite, but no device has it
 ], ids=["negative", "string", "bool", "peak abc", "trials not a list", "no trials", "bad model", "missing field",
-        "unmeasured answer"])
+        "unmeasured answer", "huge int", "absurd slope"])
 def test_a_damaged_entry_is_a_miss(cache_dir, damage):
     model = mlp(torch.float32, d_in=32)
     good = probe(model)
@@ -234,6 +236,15 @@ def test_a_damaged_entry_is_a_miss(cache_dir, damage):
     (cache_dir / "probe-cache.json").write_text(json.dumps(data))
     again = probe(model)
     assert not again.from_cache and again.max_micro_batch == good.max_micro_batch
+
+
+@pytest.mark.parametrize("content", ["[" * 100000 + "]" * 100000, "\x00\xff garbage", '{"a": 1', "[]"],
+                         ids=["nested past the parser's recursion limit", "binary", "truncated", "not a mapping"])
+def test_an_unreadable_cache_file_is_a_miss(cache_dir, content):
+    (cache_dir / "probe-cache.json").write_text(content)
+    model = mlp(torch.float32, d_in=32)
+    assert not probe(model).from_cache
+    assert probe(model).from_cache, "the next write replaced the bad file"
 
 
 def test_a_cached_size_above_the_cap_is_never_returned(cache_dir):

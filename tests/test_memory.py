@@ -111,3 +111,21 @@ def test_storage_bytes_counts_shared_storages_once():
     assert storage_bytes([torch.empty(10), torch.empty(3, dtype=torch.float64)]) == 40 + 24
     x = torch.empty(256)
     assert storage_bytes([x, x[1:], x.view(16, 16)], round_to=512) == 1024
+
+
+def test_a_storage_that_grows_is_charged_its_growth():
+    """``out=`` into a smaller tensor and ``resize_`` grow a storage after it was first seen."""
+    b = torch.randn(1024)
+    old = torch.empty(0)
+    with LiveBytes() as t:
+        out = torch.empty(0)
+        torch.add(b, b, out=out)                          # grows from 0 to 4096 bytes
+        assert t.current == 4096
+        out.resize_(4096)                                 # 16384 bytes now
+        assert t.current == 16384 and t.peak == 16384
+        torch.add(b, b, out=old)                          # older than the mode: only its growth counts
+        assert t.current == 16384 + 4096
+        del out
+        assert t.current == 4096
+        del old
+        assert t.current == 0
