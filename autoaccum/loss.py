@@ -4,6 +4,7 @@ Shared by the trainer and the memory probe, so a probe trial runs exactly what t
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,9 +15,13 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
+    """Autocast to ``amp_dtype``; with None, off - and no context at all unless a caller's is on,
+    so a plain fp32 step pays for no context manager per micro-batch."""
+    if amp_dtype is not None:
+        return torch.autocast(device.type, dtype=amp_dtype)
+    if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=amp_dtype)
+    return contextlib.nullcontext()
 
 
 def compute_loss(model: nn.Module, part: Any, loss_fn: LossFn | None, device: torch.device,
@@ -60,4 +65,4 @@ def check_loss(loss: Any, index: int, from_model: bool) -> torch.Tensor:
         raise ValueError(f"{source} returned a tensor that does not require grad for micro-batch {index}: "
                          f"it was computed under torch.no_grad(), detached, or from frozen parameters only; "
                          f"compute it from the model's output with autograd enabled")
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())   # no extra graph node for a 0-dim loss

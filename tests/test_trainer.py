@@ -83,3 +83,13 @@ def test_repr_names_the_plan():
     model = mlp()
     trainer = autoaccum.fit(model, 32, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=mse_loss, micro_batch=10)
     assert "target 32 = 4 micro-batches" in repr(trainer)
+
+
+def test_amp_none_keeps_float32_under_a_callers_autocast():
+    model = mlp(torch.float32)
+    trainer = autoaccum.fit(model, 8, torch.optim.SGD(model.parameters(), lr=0.1),
+                            loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]).float() * (m(b[0]).dtype == torch.float32),
+                            micro_batch=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats = trainer.step(regression_batch(8, torch.float32))
+    assert stats.loss > 0, "the forward ran in float32: autocast is off inside the step when amp_dtype=None"
