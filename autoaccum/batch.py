@@ -93,6 +93,18 @@ def to_device(batch: Any, device: torch.device, *, non_blocking: bool = True) ->
     return map_leaves(batch, move)
 
 
+def on_device(batch: Any, device: torch.device) -> bool:
+    """Is every leaf already a tensor on ``device``? Then :func:`to_device` would change nothing."""
+    found = [True]
+
+    def visit(leaf: _Leaf, path: str) -> None:
+        if not isinstance(leaf, torch.Tensor) or leaf.device != device:
+            found[0] = False
+
+    _walk(batch, "batch", visit)
+    return found[0]
+
+
 def _offsets(sizes: list[int]) -> list[int]:
     out, total = [], 0
     for s in sizes:

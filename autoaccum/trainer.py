@@ -187,23 +187,24 @@ class Trainer:
         plan = self.plan
         try:
             self._maybe_regrow(events)
-            n, counts, total = self._prepare(batch)
+            n, parts, counts, total = self._prepare(batch)
             self._refresh_params()
         except BaseException:
             self.plan = plan                            # a rejected batch leaves the plan as it found it
             raise
         streams = rng.capture()
+        on_device = batching.on_device(batch, self.device)   # then no micro-batch needs moving
         retries = 0
         try:
             self.topology.sync_module_buffers()         # DDP's buffer broadcast, at a point every rank reaches
             while True:
-                attempt = self._attempt(batch, n, counts, total)
+                attempt = self._attempt(parts, counts, total, on_device)
                 if attempt.failure is None and not attempt.agreement.failed:
                     break
                 retries += 1
                 self._recover(attempt, events)          # raises unless this was a recoverable OOM
                 rng.restore(streams)                    # the retry sees the stream a first attempt would
-                _, counts, _ = self._prepare(batch)     # the new split's counts; the total is the same
+                _, parts, counts, _ = self._prepare(batch)   # the new split's counts; the total is the same
         except BaseException:
             self._discard_accumulation()                # nothing half-accumulated survives an error
             rng.restore(streams)
@@ -259,14 +260,15 @@ class Trainer:
     def _sizes(self, n: int) -> list[int]:
         return self.plan.micro_batches if n == self.plan.per_rank_batch else self.plan.split(n)
 
-    def _prepare(self, batch: Any) -> tuple[int, list[float], float]:
-        """Check and count this rank's batch under the current plan, then agree on the global total.
+    def _prepare(self, batch: Any) -> tuple[int, list[Any], list[float], float]:
+        """Split, check and count this rank's batch under the current plan, then agree on the global
+        total: ``(samples, micro-batches, their item counts, total items over all ranks)``.
 
         Every rank reaches the agreement even when its own batch is bad, so a rejected batch on
         one rank raises on all of them instead of leaving the others in a collective.
         """
         error: Exception | None = None
-        n, counts = 0, []
+        n, parts, counts = 0, [], []
         try:
             n = batching.batch_size(batch)
             if n > self.plan.per_rank_batch:
@@ -274,7 +276,8 @@ class Trainer:
                     f"batch has {n} samples but this rank's share of target_batch={self.plan.target_batch} "
                     f"is {self.plan.per_rank_batch}; give step() one optimizer step of samples "
                     f"(e.g. DataLoader(batch_size={self.plan.per_rank_batch}))")
-            counts = self._count(batching.split(batch, self._sizes(n)))
+            parts = batching.split(batch, self._sizes(n))
+            counts = self._count(parts)
             self._check_collective_shape(counts)
         except (ValueError, TypeError) as e:
             if not self.topology.distributed:
@@ -294,7 +297,7 @@ class Trainer:
             raise ValueError(f"count_fn returned 0 items for every micro-batch ({counts}); the loss mean over "
                              f"the batch is undefined. count_fn must count the items the loss averages over "
                              f"(e.g. tokens whose label is not ignored)")
-        return n, counts, total
+        return n, parts, counts, total
 
     def _check_collective_shape(self, counts: list[float]) -> None:
         """Where the model itself communicates in forward/backward, no micro-batch may be skipped
@@ -315,7 +318,7 @@ class Trainer:
             counts.append(value)
         return counts
 
-    def _attempt(self, batch: Any, n: int, counts: list[float], total: float) -> _Attempt:
+    def _attempt(self, parts: list[Any], counts: list[float], total: float, on_device: bool) -> _Attempt:
         """Forward and backward every micro-batch; stop at the first failure (here or, in lockstep,
         on another rank) and report it at an agreement point.
 
@@ -331,7 +334,6 @@ class Trainer:
         self._zero_grad()
         if self.buffer is not None:
             self.buffer.begin_step()
-        parts = batching.split(batch, self._sizes(n))
         live = [i for i, c in enumerate(counts) if c > 0]
         self._running_stats.begin(len(live))
         loss_sum, failure, in_flight = None, None, False
@@ -340,7 +342,7 @@ class Trainer:
             for i in live:
                 last = i == live[-1]
                 lockstep.forwards = 0
-                part, failure = self._inputs(parts[i], i)
+                part, failure = (parts[i], None) if on_device else self._inputs(parts[i], i)
                 if failure is None:
                     share = counts[i] / total
                     loss, failure = self._forward_backward(part, i, last, share)

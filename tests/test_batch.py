@@ -72,3 +72,12 @@ def test_tile_slices_or_repeats():
 def test_to_device_converts_numpy():
     out = B.to_device({"a": np.ones((2, 2)), "b": torch.ones(2)}, torch.device("cpu"))
     assert isinstance(out["a"], torch.Tensor) and out["b"].device.type == "cpu"
+
+
+def test_on_device_says_whether_moving_would_change_anything():
+    import numpy as np
+    from autoaccum.batch import on_device
+    cpu = torch.device("cpu")
+    assert on_device({"x": torch.zeros(2, 3), "y": (torch.zeros(2), None)}, cpu)
+    assert not on_device({"x": torch.zeros(2, 3), "y": np.zeros(2)}, cpu), "numpy leaves become tensors"
+    assert not on_device(torch.zeros(2, device="meta"), cpu)
