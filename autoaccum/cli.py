@@ -79,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="on an error in your model, sample or loss, show the whole traceback")
     probe.set_defaults(run=_run_probe)
 
-    bench = sub.add_parser("bench", help="kernel benchmarks against PyTorch's paths (needs a GPU and a source checkout)",
-                           add_help=False)
+    bench = sub.add_parser("bench", help="the fused kernels against the memory-bandwidth floor and PyTorch "
+                           "(needs a GPU and a source checkout; --dry-run checks it on the CPU)", add_help=False)
     bench.set_defaults(run=_run_bench)
     return parser
 
