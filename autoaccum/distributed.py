@@ -22,11 +22,16 @@ out-of-memory error never leaves the others waiting in a collective:
 from __future__ import annotations
 
 import contextlib
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .checks import resolve_accum_dtype
 
 SYNC_MODES = ("deferred", "overlap")
 BUCKET_BYTES = 25 << 20   # DDP's default bucket size
@@ -102,7 +107,7 @@ class Topology:
     def loss_factor(self) -> float:
         """DDP's own all-reduce and FSDP2's reduce-scatter average over ranks; our weights already
         are global fractions, so the loss is multiplied back by the world size."""
-        return float(self.world_size) if self.kind == "fsdp2" or (self.kind == "ddp" and self.sync == "overlap") else 1.0
+        return float(self.world_size) if self.shards_gradients or self.overlaps else 1.0
 
     @property
     def syncs_buffer(self) -> bool:
@@ -113,11 +118,58 @@ class Topology:
     def communicates_in_model(self) -> bool:
         """The model's own forward/backward run collectives (lockstep DDP, FSDP2), so every rank
         must run the same micro-batches."""
-        return self.lockstep or self.kind == "fsdp2"
+        return self.lockstep or self.shards_gradients
+
+    def buffer_dtype(self, accum_dtype: Any, params: list[torch.Tensor]) -> torch.dtype | None:
+        """The gradient buffer's dtype under this setup. DDP with deferred sync needs one (it is what
+        gets all-reduced); FSDP2 keeps its own sharded gradients, so it cannot have one; DDP overlap
+        all-reduces autograd's ``.grad``, so it has none either."""
+        accum = resolve_accum_dtype(accum_dtype, params)
+        auto = isinstance(accum_dtype, str) and accum_dtype == "auto"
+        if self.shards_gradients:
+            if accum is not None and not auto:
+                raise ValueError("FSDP2 keeps its own sharded gradients, so accum_dtype must be 'auto' or None; for "
+                                 "fp32 gradient reduction use MixedPrecisionPolicy(reduce_dtype=torch.float32)")
+            return None
+        if self.syncs_buffer and accum is None:
+            if accum_dtype is None:
+                raise ValueError("DDP with sync='deferred' all-reduces autoaccum's gradient buffer, so accum_dtype "
+                                 "cannot be None; leave it 'auto' or use sync='overlap'")
+            trainable = [p for p in params if p.requires_grad]
+            accum = torch.float64 if all(p.dtype == torch.float64 for p in trainable) else torch.float32
+        if self.overlaps and accum is not None:
+            if auto:
+                return None   # DDP reduces .grad in the parameters' dtype; README says when that matters
+            raise ValueError("DDP with sync='overlap' all-reduces autograd's .grad inside the last backward, so "
+                             "there is no gradient buffer: use sync='deferred' for an fp32 buffer, or accum_dtype='auto'")
+        return accum
+
+    @property
+    def wrapper(self) -> str:
+        """The wrapper's name, for messages: "DDP", "FSDP2" or "single process"."""
+        return {"ddp": "DDP", "fsdp2": "FSDP2"}.get(self.kind, "single process")
+
+    @property
+    def overlaps(self) -> bool:
+        """DDP all-reduces inside the last micro-batch's backward (``sync="overlap"``)."""
+        return self.kind == "ddp" and self.sync == "overlap"
+
+    def collective_in_flight(self, last: bool, forward_started: bool) -> bool:
+        """After a failure: could another rank be waiting in a collective of the model's own (FSDP2
+        anywhere; DDP's overlapped all-reduce once the last micro-batch's forward began)? Then no
+        agreement point can be reached."""
+        return self.shards_gradients or (self.overlaps and last and forward_started)
+
+    @property
+    def shards_gradients(self) -> bool:
+        """Each rank holds a shard of every gradient (FSDP2): norms are sums over ranks."""
+        return self.kind == "fsdp2"
 
     @property
     def recovers_oom(self) -> bool:
-        return self.kind != "fsdp2"
+        """An OOM can be retried: every rank can be brought to an agreement point (not under FSDP2,
+        whose all-gathers in every forward cannot be rewound)."""
+        return not self.shards_gradients
 
     # ------------------------------------------------------------------ gradient sync control
     @contextlib.contextmanager
@@ -224,3 +276,49 @@ class Topology:
             h.wait()
         self.allreduces += len(handles)
         return len(handles)
+
+
+class PeerStopped(BaseException):
+    """Raised in the pre-forward hook when another rank reported a failure: this micro-batch ends
+    here, before the model's collectives the failed rank will not join. (A BaseException, so a
+    broad ``except Exception`` in a ``loss_fn`` does not swallow it.)"""
+
+
+class PreForward:
+    """In lockstep: an agreement right before each forward of the DDP module, as a forward pre-hook
+    that runs ahead of DDP's own (which may broadcast or rebuild buckets). Inert unless armed."""
+
+    def __init__(self, model: nn.Module, agree: Callable[[], Agreement] | None):
+        self.agree = agree
+        self.active = False
+        self.forwards = 0                       # forwards begun in the current micro-batch
+        self.stopped: Agreement | None = None   # the agreement that reported another rank's failure
+        self._handle = None
+        if agree is not None:
+            me = weakref.ref(self)
+
+            def hook(module, args):
+                pre = me()
+                if pre is not None and pre.active:
+                    pre._meet()
+            self._handle = model.register_forward_pre_hook(hook, prepend=True)
+            weakref.finalize(self, self._handle.remove)
+
+    def _meet(self) -> None:
+        self.forwards += 1
+        agreement = self.agree()
+        if agreement.failed:
+            self.stopped, self.active = agreement, False
+            raise PeerStopped()
+
+    @contextlib.contextmanager
+    def armed(self):
+        self.active, self.stopped, self.forwards = self._handle is not None, None, 0
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import batch as batching
 from .batchnorm import MODES as BATCHNORM_MODES
-from .checks import check_amp_dtype, check_callable, check_master_weights, resolve_accum_dtype
+from .checks import check_amp_dtype, check_callable, check_master_weights
 from .distributed import SYNC_MODES, PeerFailure, Topology
 from .memory import parse_bytes
 from .plan import Plan
@@ -89,7 +89,7 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer | 
         raise ValueError(f"regrow_after must be a positive int (clean steps before trying a larger "
                          f"micro-batch) or None; got {regrow_after!r}")
     topology = Topology(model, sync)
-    accum = _accum_for(topology, accum_dtype, params)
+    accum = topology.buffer_dtype(accum_dtype, params)
     check_master_weights(master_weights, accum)
 
     if memory_budget is not None:
@@ -101,7 +101,7 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer | 
     the_plan = make_plan(target_batch, micro_batch if micro_batch is not None else 1, world_size)
     if micro_batch is not None:
         sizer = None
-    elif topology.kind == "fsdp2":
+    elif topology.shards_gradients:
         raise ValueError("fit cannot probe an FSDP2 model: its trials would need every rank in lockstep. "
                          "Probe the unsharded model on one GPU (autoaccum.probe) or pass micro_batch=")
     else:
@@ -162,29 +162,6 @@ class Sizer:
 
     def __repr__(self) -> str:
         return f"target {self.target_batch}: micro-batch probed on the first batch given to step()"
-
-
-def _accum_for(topology: Topology, accum_dtype: Any, params: list[torch.Tensor]) -> torch.dtype | None:
-    """The gradient buffer's dtype. DDP with deferred sync needs one (it is what gets all-reduced);
-    FSDP2 keeps its own sharded gradients, so it cannot have one."""
-    accum = resolve_accum_dtype(accum_dtype, params)
-    if topology.kind == "fsdp2":
-        if accum is not None and not (isinstance(accum_dtype, str) and accum_dtype == "auto"):
-            raise ValueError("FSDP2 keeps its own sharded gradients, so accum_dtype must be 'auto' or None; for "
-                             "fp32 gradient reduction use MixedPrecisionPolicy(reduce_dtype=torch.float32)")
-        return None
-    if topology.syncs_buffer and accum is None:
-        if accum_dtype is None:
-            raise ValueError("DDP with sync='deferred' all-reduces autoaccum's gradient buffer, so accum_dtype "
-                             "cannot be None; leave it 'auto' or use sync='overlap'")
-        trainable = [p for p in params if p.requires_grad]
-        accum = torch.float64 if all(p.dtype == torch.float64 for p in trainable) else torch.float32
-    if topology.kind == "ddp" and topology.sync == "overlap" and accum is not None:
-        if isinstance(accum_dtype, str) and accum_dtype == "auto":
-            return None   # DDP reduces .grad in the parameters' dtype; README says when that matters
-        raise ValueError("DDP with sync='overlap' all-reduces autograd's .grad inside the last backward, so "
-                         "there is no gradient buffer: use sync='deferred' for an fp32 buffer, or accum_dtype='auto'")
-    return accum
 
 
 def _check_optimizer(optimizer: Any, params: list[torch.Tensor]) -> None:

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import math
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,10 +34,10 @@ import torch
 from torch import nn
 
 from . import batch as batching
-from . import kernels, rng
+from . import rng
 from .batchnorm import RunningStats
 from .buffer import GradBuffer
-from .distributed import Agreement, PeerFailure, Topology
+from .distributed import Agreement, PeerFailure, PeerStopped, PreForward, Topology
 from .loss import LossFn, compute_loss
 from .memory import NotEnoughMemoryError, release_memory
 from .plan import Plan, check_positive_int
@@ -46,7 +45,7 @@ from .plan import plan as make_plan
 from .progress import Progress
 from .recovery import Failure, Regrow, classify, not_enough_memory_message, smaller_micro_batch
 from .scaler import LossScaler
-from .update import Updater
+from .update import Updater, finalize
 
 CountFn = Callable[[Any], Any]
 log = logging.getLogger("autoaccum")
@@ -74,52 +73,6 @@ class _Attempt:
     loss_sum: torch.Tensor | None
     failure: Failure | None
     agreement: Agreement
-
-
-class PeerStopped(BaseException):
-    """Raised in the pre-forward hook when another rank reported a failure: this micro-batch ends
-    here, before the model's collectives the failed rank will not join. (A BaseException, so a
-    broad ``except Exception`` in a ``loss_fn`` does not swallow it.)"""
-
-
-class _PreForward:
-    """In lockstep: an agreement right before each forward of the DDP module, as a forward pre-hook
-    that runs ahead of DDP's own (which may broadcast or rebuild buckets). Inert unless armed."""
-
-    def __init__(self, model: nn.Module, agree: Callable[[], Agreement] | None):
-        self.agree = agree
-        self.active = False
-        self.forwards = 0                       # forwards begun in the current micro-batch
-        self.stopped: Agreement | None = None   # the agreement that reported another rank's failure
-        self._handle = None
-        if agree is not None:
-            me = weakref.ref(self)
-
-            def hook(module, args):
-                pre = me()
-                if pre is not None and pre.active:
-                    pre._meet()
-            self._handle = model.register_forward_pre_hook(hook, prepend=True)
-            weakref.finalize(self, self._handle.remove)
-
-    def _meet(self) -> None:
-        self.forwards += 1
-        agreement = self.agree()
-        if agreement.failed:
-            self.stopped, self.active = agreement, False
-            raise PeerStopped()
-
-    @contextlib.contextmanager
-    def armed(self):
-        self.active, self.stopped, self.forwards = self._handle is not None, None, 0
-        try:
-            yield self
-        finally:
-            self.active = False
-
-    def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
 
 
 class Trainer:
@@ -166,7 +119,7 @@ class Trainer:
         if accum_dtype is not None and plan is not None:
             self.buffer = GradBuffer(self._params, accum_dtype, backend=backend)
         self.updater = Updater(master_weights)
-        self._lockstep = _PreForward(model, (lambda: self._agree(None, final=False)) if self.topology.lockstep else None)
+        self._lockstep = PreForward(model, (lambda: self._agree(None, final=False)) if self.topology.lockstep else None)
         self.closed = False
 
     # ------------------------------------------------------------------ one optimizer step
@@ -290,7 +243,7 @@ class Trainer:
             raise PeerFailure("another rank rejected its batch (its error says why); this rank stops too")
         if not uniform and self.topology.communicates_in_model:
             raise ValueError(f"ranks split their batches into different numbers of micro-batches (here {len(counts)}); "
-                             f"with {self.topology.kind} communicating inside the model every rank must run the same "
+                             f"with {self.topology.wrapper} communicating inside the model every rank must run the same "
                              f"micro-batches: give every rank the same number of samples (DistributedSampler pads; "
                              f"or drop_last=True)")
         if total <= 0:
@@ -355,7 +308,7 @@ class Trainer:
                     del loss
                 del part
                 if failure is not None:
-                    in_flight = self._collective_in_flight(last, lockstep.forwards > 0)
+                    in_flight = topo.collective_in_flight(last, lockstep.forwards > 0)
                     break
                 if topo.lockstep and not (last and topo.sync == "overlap"):
                     agreement = self._agree(None, final=last)
@@ -399,11 +352,11 @@ class Trainer:
             if not failure.oom:
                 raise failure.error
             raise RuntimeError(f"out of memory in micro-batch {failure.index} ({failure.message}) while other ranks "
-                               f"may be inside {'FSDP2' if topo.kind == 'fsdp2' else 'DDP'} collectives, so they "
-                               f"cannot be brought back to a common point: "
-                               + ("restart with a smaller micro_batch" if topo.kind == "fsdp2"
-                                  else "use sync='deferred' (the default) to recover from this")) from failure.error
-        if topo.kind == "fsdp2":
+                               f"may be inside {topo.wrapper} collectives, so they cannot be brought back to a "
+                               f"common point: " + ("use sync='deferred' (the default) to recover from this"
+                                                    if topo.recovers_oom else "restart with a smaller micro_batch")
+                               ) from failure.error
+        if not topo.recovers_oom:
             return Agreement(0, self.plan.micro_batch)   # nothing to agree on: FSDP2 syncs itself
         code = 0 if failure is None else (1 if failure.oom and self.oom_retry else 2)
         proposal = self.plan.micro_batch
@@ -415,13 +368,6 @@ class Trainer:
             written = {id(p) for p, _ in self.buffer.written()} if final and failure is None else set()
             touched = torch.tensor([id(p) in written for p in self._params], dtype=torch.int64)
         return topo.agree(code, proposal, touched)
-
-    def _collective_in_flight(self, last: bool, forward_started: bool) -> bool:
-        """After a failure: could another rank be waiting in a collective of the model's own (FSDP2
-        anywhere; DDP's overlapped all-reduce once the last micro-batch's forward began)? Then no
-        agreement point can be reached."""
-        topo = self.topology
-        return topo.kind == "fsdp2" or (topo.kind == "ddp" and topo.sync == "overlap" and last and forward_started)
 
     def _recover(self, attempt: _Attempt, events: list[str]) -> None:
         """Throw the attempt away; re-raise a real error; after an OOM lower the micro-batch (or give up)."""
@@ -500,25 +446,18 @@ class Trainer:
         """Finalize (norm, inf/nan, unscale, clip), then step - or skip; then free the gradients."""
         topo = self.topology
         pairs = self._gradients()
-        full = [g for _, g in pairs]
-        grads = [_local(g) for g in full]
         inv_scale = self.scaler.inv_scale() if self.scaler is not None else 1.0
         if loss_sum is None:
             loss_sum = torch.zeros((), device=self.device)
         loss_t = topo.sum_(loss_sum.detach().double().reshape(1))
-        if topo.kind == "fsdp2":   # sharded gradients: the norm is a sum over ranks
-            norm, found_inf = self._finalize_sharded(full, grads, inv_scale)
-            fold = False
-        else:
-            fold = self._can_fold(grads, inv_scale)
-            norm, found_inf = kernels.finalize_(grads, inv_scale, self.max_grad_norm, apply=not fold,
-                                                backend=self.backend)
+        norm, found_inf, grad_scale = finalize([g for _, g in pairs], inv_scale, self.max_grad_norm,
+                                               self.optimizer, sharded=topo.shards_gradients, sum_=topo.sum_,
+                                               backend=self.backend)
         loss = float(loss_t)           # the host sync of the step
         norm_value = float(norm)
         skipped = bool(found_inf) or not math.isfinite(loss)
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
         if not skipped:
-            grad_scale = kernels.clip_scale(norm, inv_scale, self.max_grad_norm).reciprocal().float() if fold else None
             self.updater.step(self.optimizer, pairs, grad_scale, found_inf)
             self.steps += 1
             if self.scheduler is not None:
@@ -533,50 +472,11 @@ class Trainer:
         return StepStats(loss=loss, grad_norm=norm_value if self.max_grad_norm is not None else None,
                          skipped=skipped, micro_batches=[], items=0, lr=lr, events=events)
 
-    def _finalize_sharded(self, full: list[torch.Tensor], grads: list[torch.Tensor],
-                          inv_scale) -> tuple[torch.Tensor, torch.Tensor]:
-        """FSDP2: the squares of the shards' norms sum over ranks; a replicated tensor (not sharded,
-        averaged by :meth:`_sync_unmanaged`) counts once. ``grads`` are ``full``'s local shards."""
-        sharded = [g for f, g in zip(full, grads) if f is not g]
-        replicated = [g for f, g in zip(full, grads) if f is g]
-        norm, found = self._norm(sharded, inv_scale)
-        t = torch.stack([torch.where(found > 0, 0.0, norm.double()) ** 2, found.double()])
-        self.topology.sum_(t)
-        if replicated:
-            r_norm, r_found = self._norm(replicated, inv_scale)
-            t[0] += torch.where(r_found > 0, 0.0, r_norm.double().to(t.device)) ** 2
-            t[1] += r_found.double().to(t.device)
-        found = (t[1] > 0).float()
-        norm64 = torch.where(found > 0, float("inf"), t[0].sqrt())
-        norm = norm64.float()
-        if not bool(found):
-            scale = kernels.clip_scale(norm64, inv_scale, self.max_grad_norm)   # float64: no float32 rounding
-            if float(scale) != 1.0 and grads:
-                for g in grads:
-                    g.mul_(scale.to(g.dtype))
-        return norm, found
-
-    def _norm(self, grads: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, torch.Tensor]:
-        """Norm and inf/nan flag without writing; float64 gradients keep a float64 norm (the kernels'
-        float32 result would put float32 rounding into the clipping factor)."""
-        if grads and all(g.dtype == torch.float64 for g in grads):
-            return kernels.reference.norm_and_flag(grads, inv_scale)
-        return kernels.finalize_(grads, inv_scale, None, apply=False, backend=self.backend)
-
     def _gradients(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """(parameter, its accumulated gradient): buffer views, or what autograd left in ``.grad``."""
         if self.buffer is not None:
             return self.buffer.written()
         return [(p, p.grad) for p in self._params if p.grad is not None]
-
-    def _can_fold(self, grads: list[torch.Tensor], inv_scale) -> bool:
-        """Leave the unscale/clip factor to a fused optimizer (it takes ``grad_scale``) when one is needed.
-
-        Fused optimizers take the factor as float32, so float64 gradients keep the exact write pass.
-        """
-        needed = self.max_grad_norm is not None or not (isinstance(inv_scale, float) and inv_scale == 1.0)
-        return bool(needed and grads and getattr(self.optimizer, "_step_supports_amp_scaling", False)
-                    and all(g.dtype != torch.float64 for g in grads))
 
     def _discard_accumulation(self) -> None:
         """After a failed attempt: no partial gradient survives, running stats go back."""
@@ -673,7 +573,7 @@ class Trainer:
 
     def __repr__(self) -> str:
         buf = f", accum_dtype={self._accum_dtype}" if self._accum_dtype is not None else ""
-        par = f", {self.topology.kind} x{self.topology.world_size}" if self.topology.distributed else ""
+        par = f", {self.topology.wrapper} x{self.topology.world_size}" if self.topology.distributed else ""
         plan = self.plan if self.plan is not None else self._sizer
         return (f"Trainer({type(self.model).__name__}, {plan}, optimizer={_describe_optimizer(self)}, "
                 f"amp={self.amp_dtype}, device={self.device}{buf}{par})")
@@ -684,11 +584,6 @@ def _describe_optimizer(trainer: Trainer) -> str:
     group = opt.param_groups[0] if opt.param_groups else {}
     shown = ", ".join(f"{k}={group[k]}" for k in ("lr", "weight_decay", "fused") if group.get(k) is not None)
     return f"{type(opt).__name__}({shown}{', default' if trainer.default_optimizer else ''})"
-
-
-def _local(g: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor gradient (FSDP2); plain tensors as they are."""
-    return g.to_local() if hasattr(g, "to_local") else g
 
 
 def _to_number(value: Any, what: str) -> float:

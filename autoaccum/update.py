@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from . import kernels
 
 
 class Updater:
@@ -106,3 +109,70 @@ def _match_state(optimizer, p: nn.Parameter, master: torch.Tensor) -> None:
                           "stays: save and load with trainer.state_dict() / trainer.load_state_dict()",
                           stacklevel=4)
             state[k] = v.to(master.dtype)
+
+
+# ---------------------------------------------------------------- finalize: norm, inf/nan, unscale, clip
+def finalize(full: list[torch.Tensor], inv_scale, max_grad_norm: float | None, optimizer, *,
+             sharded: bool, sum_: Callable[[torch.Tensor], torch.Tensor], backend: str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The accumulated gradients made ready for the optimizer: ``(norm, found_inf, grad_scale)``.
+
+    One read for the norm and the inf/nan flag and, unless a fused optimizer can fold it
+    (``grad_scale`` is then the factor to pass it), one write that unscales and clips. ``full``
+    are the gradients as the optimizer sees them (DTensors under FSDP2, whose local shards are
+    finalized, with the norm's squares summed over ranks by ``sum_``).
+    """
+    grads = [_local(g) for g in full]
+    if sharded:
+        norm, found_inf = _finalize_sharded(full, grads, inv_scale, max_grad_norm, sum_, backend)
+        return norm, found_inf, None
+    fold = can_fold(optimizer, grads, inv_scale, max_grad_norm)
+    norm, found_inf = kernels.finalize_(grads, inv_scale, max_grad_norm, apply=not fold, backend=backend)
+    grad_scale = kernels.clip_scale(norm, inv_scale, max_grad_norm).reciprocal().float() if fold else None
+    return norm, found_inf, grad_scale
+
+
+def can_fold(optimizer, grads: list[torch.Tensor], inv_scale, max_grad_norm: float | None) -> bool:
+    """Leave the unscale/clip factor to a fused optimizer (it takes ``grad_scale``) when one is needed.
+
+    Fused optimizers take the factor as float32, so float64 gradients keep the exact write pass.
+    """
+    needed = max_grad_norm is not None or not (isinstance(inv_scale, float) and inv_scale == 1.0)
+    return bool(needed and grads and getattr(optimizer, "_step_supports_amp_scaling", False)
+                and all(g.dtype != torch.float64 for g in grads))
+
+
+def _finalize_sharded(full: list[torch.Tensor], grads: list[torch.Tensor], inv_scale, max_grad_norm,
+                      sum_, backend) -> tuple[torch.Tensor, torch.Tensor]:
+    """FSDP2: the squares of the shards' norms sum over ranks; a replicated tensor (not sharded,
+    averaged by the trainer over ranks) counts once. ``grads`` are ``full``'s local shards."""
+    sharded = [g for f, g in zip(full, grads) if f is not g]
+    replicated = [g for f, g in zip(full, grads) if f is g]
+    norm, found = _norm(sharded, inv_scale, backend)
+    t = torch.stack([torch.where(found > 0, 0.0, norm.double()) ** 2, found.double()])
+    sum_(t)
+    if replicated:
+        r_norm, r_found = _norm(replicated, inv_scale, backend)
+        t[0] += torch.where(r_found > 0, 0.0, r_norm.double().to(t.device)) ** 2
+        t[1] += r_found.double().to(t.device)
+    found = (t[1] > 0).float()
+    norm64 = torch.where(found > 0, float("inf"), t[0].sqrt())
+    if not bool(found):
+        scale = kernels.clip_scale(norm64, inv_scale, max_grad_norm)   # float64: no float32 rounding
+        if float(scale) != 1.0 and grads:
+            for g in grads:
+                g.mul_(scale.to(g.dtype))
+    return norm64.float(), found
+
+
+def _norm(grads: list[torch.Tensor], inv_scale, backend) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm and inf/nan flag without writing; float64 gradients keep a float64 norm (the kernels'
+    float32 result would put float32 rounding into the clipping factor)."""
+    if grads and all(g.dtype == torch.float64 for g in grads):
+        return kernels.reference.norm_and_flag(grads, inv_scale)
+    return kernels.finalize_(grads, inv_scale, None, apply=False, backend=backend)
+
+
+def _local(g: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor gradient (FSDP2); plain tensors as they are."""
+    return g.to_local() if hasattr(g, "to_local") else g

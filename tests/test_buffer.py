@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import autoaccum
+from autoaccum import update
 from autoaccum.buffer import ALIGN, GradBuffer
 from helpers import max_abs_diff, mlp, mse_loss, reference_step, regression_batch, twin
 
@@ -216,9 +217,12 @@ def test_fused_optimizer_takes_the_scale_instead_of_a_write_pass(monkeypatch):
     make_model = lambda: mlp(torch.float32)
     fused = lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True)
     ref, folded, trainer = run_pair(make_model, 40, 9, make_opt=fused, accum_dtype=torch.float32, max_grad_norm=0.05)
-    assert trainer._can_fold([torch.zeros(1)], 1.0) and not trainer._can_fold([torch.zeros(1, dtype=torch.float64)], 1.0)
+    opt = trainer.optimizer
+    assert update.can_fold(opt, [torch.zeros(1)], 1.0, 0.05)
+    assert not update.can_fold(opt, [torch.zeros(1, dtype=torch.float64)], 1.0, 0.05)
+    assert not update.can_fold(opt, [torch.zeros(1)], 1.0, None), "nothing to fold: no factor"
     calls = []
-    monkeypatch.setattr(autoaccum.Trainer, "_can_fold", lambda self, g, i: calls.append(1) and False)
+    monkeypatch.setattr(update, "can_fold", lambda *args: calls.append(1) and False)
     _, written, _ = run_pair(make_model, 40, 9, make_opt=fused, accum_dtype=torch.float32, max_grad_norm=0.05)
     assert calls, "the second run took the write pass"
     assert max_abs_diff(written, folded) <= 1e-6 and max_abs_diff(ref, folded) <= 1e-5
