@@ -270,3 +270,26 @@ def test_the_torch_path_rescues_tensors_whose_float32_squares_underflow_or_overf
         exact = torch.linalg.vector_norm(torch.cat([x.double() for x in g])).item()
         norm, found = kernels.finalize_([x.clone() for x in g], 1.0, None, backend="torch")
         assert found.item() == 0 and abs(norm.item() - exact) <= 2e-6 * exact, (norm.item(), exact)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_kernel_calls_never_wait_for_the_device(backend):
+    """A float inv_scale once became a blocking host-to-device copy every step; CUDA's sync debug
+    mode turns any synchronising call into an error."""
+    from autoaccum.kernels import cuda_ext
+    if backend == "cuda" and cuda_ext.load(jit=True) is None:
+        pytest.fail(f"the CUDA extension did not build: {cuda_ext.reason()}")
+    gen = torch.Generator().manual_seed(14)
+    grads = [randn(n, torch.bfloat16, gen).cuda() for n in (7, 5000, 70001)]
+    accs = [torch.zeros(g.shape, device="cuda") for g in grads]
+    kernels.accumulate_(accs, grads, 0.5, backend=backend)          # warm: compile, build launch tables
+    kernels.finalize_(accs, 1.0, 1.0, backend=backend)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kernels.accumulate_(accs, grads, 0.5, backend=backend)
+        kernels.finalize_(accs, 0.5, 1.0, backend=backend)
+        kernels.finalize_(accs, 1.0, None, apply=False, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -181,7 +181,9 @@ def _check_inv_scale(inv_scale, device) -> torch.Tensor:
     if isinstance(inv_scale, bool) or not isinstance(inv_scale, (int, float)) or not inv_scale > 0 \
             or not math.isfinite(inv_scale):
         raise ValueError(f"inv_scale must be a positive finite number (1 / loss scale); got {inv_scale!r}")
-    return torch.tensor(float(inv_scale), dtype=torch.float64, device=device)
+    # torch.full launches a fill with the value as an argument; torch.tensor(value, device=cuda) would
+    # copy it from pageable host memory, which waits for the device on every step.
+    return torch.full((), float(inv_scale), dtype=torch.float64, device=device)
 
 
 def _check_no_overlap(accs: list[torch.Tensor]) -> None:

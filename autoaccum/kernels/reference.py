@@ -98,4 +98,4 @@ def _by_dtype(grads: list[torch.Tensor]) -> dict:
 def _as_tensor(x, device, dtype) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=dtype).reshape(())
-    return torch.tensor(float(x), device=device, dtype=dtype)
+    return torch.full((), float(x), device=device, dtype=dtype)   # a fill, not a blocking host-to-device copy
