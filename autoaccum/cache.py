@@ -114,12 +114,13 @@ def module_settings(module: nn.Module, code: _CodePrints | None = None) -> dict:
             continue
         if k.startswith("_") and isinstance(v, (dict, list, tuple, set)) and not v:
             continue
-        if isinstance(v, (torch.Tensor, nn.Module)) or callable(v) and not isinstance(v, type):
+        if isinstance(v, (torch.Tensor, nn.Module)) or (callable(v) and not isinstance(v, type)):
             continue
-        if k.startswith("_") and not _is_config(v):
+        config = _is_config(v)
+        if k.startswith("_") and not config:
             continue
         out[k] = _plain(v, depth=3)
-        if code is not None and _is_config(v):
+        if code is not None and config:
             code.add_class(type(v))
     return out
 

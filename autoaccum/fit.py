@@ -111,19 +111,18 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer | 
                          count_fn=count_fn, device=dev, max_micro_batch=the_plan.per_rank_batch,
                          memory_budget=memory_budget, cache=probe_cache, world_size=world_size,
                          accum_dtype=accum, master_weights=master_weights)
-        sizer = Sizer(target_batch, the_plan.per_rank_batch, world_size, topology, run_probe)
+        sizer = Sizer(the_plan, topology, run_probe)
     if optimizer is None:
         optimizer = default_optimizer_for(params)
     probe_result = None
     if sizer is not None and sample is not None:
         the_plan, probe_result = sizer(sample, lazy=False)
         sizer = None
-    trainer = Trainer(model, optimizer, the_plan if sizer is None else None, loss_fn=loss_fn, scheduler=scheduler,
-                      max_grad_norm=max_grad_norm, amp_dtype=amp, count_fn=count_fn,
-                      batchnorm=batchnorm, device=dev, probe_result=probe_result, accum_dtype=accum,
-                      master_weights=master_weights, topology=topology, oom_retry=oom_retry,
-                      regrow_after=regrow_after, sizer=sizer, default_optimizer=default_optimizer)
-    return trainer
+    return Trainer(model, optimizer, the_plan if sizer is None else None, loss_fn=loss_fn, scheduler=scheduler,
+                   max_grad_norm=max_grad_norm, amp_dtype=amp, count_fn=count_fn,
+                   batchnorm=batchnorm, device=dev, probe_result=probe_result, accum_dtype=accum,
+                   master_weights=master_weights, topology=topology, oom_retry=oom_retry,
+                   regrow_after=regrow_after, sizer=sizer, default_optimizer=default_optimizer)
 
 
 def default_optimizer_for(params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -135,22 +134,16 @@ def default_optimizer_for(params: list[torch.Tensor]) -> torch.optim.Optimizer:
 class Sizer:
     """Finds the plan by probing a batch: ``fit``'s ``sample=``, or the first batch given to
     ``Trainer.step``. Under data parallelism every rank probes and all take the smallest answer; a
-    rank whose probe fails tells the others (it proposes 0) instead of leaving them waiting."""
+    rank whose probe fails tells the others (it proposes 0) instead of leaving them waiting.
+    ``pending`` is the plan's shape before sizing (its micro-batch is a placeholder)."""
 
-    def __init__(self, target_batch: int, per_rank: int, world_size: int, topology: Topology,
-                 run_probe: Callable[[Any], ProbeResult]):
-        self.target_batch, self.per_rank, self.world_size = target_batch, per_rank, world_size
-        self.topology, self.run_probe = topology, run_probe
+    def __init__(self, pending: Plan, topology: Topology, run_probe: Callable[[Any], ProbeResult]):
+        self.pending, self.topology, self.run_probe = pending, topology, run_probe
 
     def __call__(self, batch: Any, lazy: bool = True) -> tuple[Plan, ProbeResult]:
         try:
             if lazy:
-                n = batching.batch_size(batch)
-                if n > self.per_rank:
-                    raise ValueError(
-                        f"batch has {n} samples but this rank's share of target_batch={self.target_batch} is "
-                        f"{self.per_rank}; give step() one optimizer step of samples "
-                        f"(e.g. DataLoader(batch_size={self.per_rank}))")
+                self.pending.check_batch(batching.batch_size(batch))
             result = self.run_probe(batch)
         except BaseException:
             self.topology.agree_min(0)
@@ -158,10 +151,10 @@ class Sizer:
         micro_batch = self.topology.agree_min(result.max_micro_batch)
         if micro_batch < 1:
             raise PeerFailure("another rank could not probe its micro-batch (its error says why); this rank stops too")
-        return make_plan(self.target_batch, micro_batch, self.world_size), result
+        return make_plan(self.pending.target_batch, micro_batch, self.pending.world_size), result
 
     def __repr__(self) -> str:
-        return f"target {self.target_batch}: micro-batch probed on the first batch given to step()"
+        return f"target {self.pending.target_batch}: micro-batch probed on the first batch given to step()"
 
 
 def _check_optimizer(optimizer: Any, params: list[torch.Tensor]) -> None:

@@ -30,6 +30,14 @@ class Plan:
     def per_rank_batch(self) -> int:
         return self.target_batch // self.world_size
 
+    def check_batch(self, n: int) -> None:
+        """A rank's batch for one step may be shorter than its share (the last of an epoch), not longer."""
+        if n > self.per_rank_batch:
+            raise ValueError(
+                f"batch has {n} samples but this rank's share of target_batch={self.target_batch} "
+                f"is {self.per_rank_batch}; give step() one optimizer step of samples "
+                f"(e.g. DataLoader(batch_size={self.per_rank_batch}))")
+
     def split(self, n: int) -> list[int]:
         """Sizes for a batch of ``n`` samples on one rank under this plan's micro-batch limit.
 

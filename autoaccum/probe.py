@@ -263,6 +263,8 @@ def _confirm(entry: dict, runner: TrialRunner, limit: int, fixed_headroom: int |
     head = fixed_headroom if fixed_headroom is not None else default_headroom(limit, trial.base_bytes or 0, allocator)
     trial.fits, why = confirms(trial, cached_peak, limit - head)
     return trial, head, why
+
+
 def _probe_device(model: nn.Module, device) -> torch.device:
     devices = {p.device for p in model.parameters()}
     if device is None:

@@ -115,7 +115,8 @@ def search(run: Callable[[int], Trial], limit: int, max_micro_batch: int, *, hea
     lo, hi = 0, max_micro_batch + 1     # lo fits, hi does not (or is beyond the cap)
     n = min(first.micro_batch if first is not None else start, max_micro_batch)
     while True:
-        t, first = (first, None) if first is not None else (run(n), None)
+        t = first if first is not None else run(n)
+        first = None
         trials.append(t)
         if headroom is None and t.base_bytes is not None:
             headroom = default_headroom(limit, t.base_bytes, allocator)

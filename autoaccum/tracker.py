@@ -125,17 +125,6 @@ class LiveBytes(TorchDispatchMode):
         self.peak_live = self.live
 
 
-def storage_bytes(tensors: Iterable[torch.Tensor], round_to: int = 1) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (shared storages counted once)."""
-    seen: dict[int, torch.UntypedStorage] = {}  # holding them keeps every id unique
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            st = _storage(t)
-            if st is not None:
-                seen.setdefault(id(st), st)
-    return sum(_rounded(st.nbytes(), round_to) for st in seen.values())
-
-
 def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
     try:
         return t.untyped_storage()

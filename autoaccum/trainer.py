@@ -184,10 +184,12 @@ class Trainer:
 
     def _size(self, batch: Any) -> None:
         """Lazy sizing: the first batch given to :meth:`step` is the probe's sample."""
-        plan, result = self._sizer(batch)
-        self.plan, self.probe_result, self.max_micro_batch = plan, result, plan.micro_batch
-        self._sizer = None
-        log.info("autoaccum: probed the first batch: %s", plan)
+        self._adopt(*self._sizer(batch))
+        log.info("autoaccum: probed the first batch: %s", self.plan)
+
+    def _adopt(self, plan: Plan, probe_result=None) -> None:
+        """The first plan, made after fit (probed on the first batch, or set by hand): nothing left to size."""
+        self.plan, self.probe_result, self.max_micro_batch, self._sizer = plan, probe_result, plan.micro_batch, None
 
     def _trainable(self) -> list[torch.Tensor]:
         """What this step trains: the model's parameters that require grad, and any others the
@@ -224,11 +226,7 @@ class Trainer:
         n, parts, counts = 0, [], []
         try:
             n = batching.batch_size(batch)
-            if n > self.plan.per_rank_batch:
-                raise ValueError(
-                    f"batch has {n} samples but this rank's share of target_batch={self.plan.target_batch} "
-                    f"is {self.plan.per_rank_batch}; give step() one optimizer step of samples "
-                    f"(e.g. DataLoader(batch_size={self.plan.per_rank_batch}))")
+            self.plan.check_batch(n)
             parts = batching.split(batch, self._sizes(n))
             counts = self._count(parts)
             self._check_collective_shape(counts)
@@ -406,8 +404,7 @@ class Trainer:
         """Re-plan with a new micro-batch limit; the effective batch (``target_batch``) is unchanged."""
         check_positive_int("micro_batch", micro_batch, "the largest micro-batch to run")
         if self.plan is None:           # chosen by hand before the first batch: nothing left to probe
-            self.plan = make_plan(self._sizer.target_batch, micro_batch, self._sizer.world_size)
-            self.max_micro_batch, self._sizer = self.plan.micro_batch, None
+            self._adopt(make_plan(self._sizer.pending.target_batch, micro_batch, self._sizer.pending.world_size))
             return self.plan
         self.plan = make_plan(self.plan.target_batch, micro_batch, self.plan.world_size)
         return self.plan

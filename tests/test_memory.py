@@ -3,7 +3,7 @@ import torch
 
 from autoaccum.memory import (format_bytes, is_cpu_out_of_memory, is_cuda_out_of_memory, is_cudnn_alloc_failure,
                               is_oom_error, parse_bytes, read_device)
-from autoaccum.tracker import LiveBytes, storage_bytes
+from autoaccum.tracker import LiveBytes
 from autoaccum.memory import CPU_BUDGET_FRACTION
 
 
@@ -106,11 +106,6 @@ def test_tracker_excludes_memory_outside_the_measurement():
         assert t.current == 400
         del part, view
 
-
-def test_storage_bytes_counts_shared_storages_once():
-    assert storage_bytes([torch.empty(10), torch.empty(3, dtype=torch.float64)]) == 40 + 24
-    x = torch.empty(256)
-    assert storage_bytes([x, x[1:], x.view(16, 16)], round_to=512) == 1024
 
 
 def test_a_storage_that_grows_is_charged_its_growth():

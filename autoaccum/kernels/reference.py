@@ -42,8 +42,8 @@ def norm_and_flag(grads: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, t
     the rest. A tensor whose fp32 sum overflowed (inf) or may have underflowed (norm below
     ``RESCUE_BELOW``: squares near fp32's smallest normal lose digits) is read again in float64;
     a real inf/nan stays inf/nan. Relative error against a float64 reference: 4e-8 at 10M and
-    7e-7 at 100M elements (``clip_grad_norm_``: 2e-7 and 6e-6; benchmarks/bench_reference.py). The rescue check reads one
-    number on the host; on the CPU that costs nothing.
+    7e-7 at 100M elements (``clip_grad_norm_``: 2e-7 and 6e-6; benchmarks/bench_reference.py).
+    The rescue check reads one number on the host; on the CPU that costs nothing.
     """
     device = grads[0].device
     norms, ordered = [], []
