@@ -16,89 +16,117 @@ tensors runs Triton's interpreter when ``TRITON_INTERPRET=1`` (that is how CI te
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
 
 import torch
 
-from . import cuda_ext, reference
-from .layout import dense_order, in_memory_order
+from . import cuda_ext, group, reference, table
+from .group import forget
 from .reference import clip_scale
 
-__all__ = ["accumulate_", "finalize_", "backend_for", "clip_scale", "BACKENDS"]
+__all__ = ["accumulate_", "finalize_", "backend_for", "clip_scale", "forget", "BACKENDS"]
 
 BACKENDS = ("cuda", "triton", "torch")
-_FAST_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_GRAD_DTYPES = _FAST_GRAD_DTYPES + (torch.float64,)
+_FAST_SET = frozenset((torch.float32, torch.float16, torch.bfloat16))
+_GRAD_SET = _FAST_SET | {torch.float64}
+_ACC_SET = frozenset((torch.float32, torch.float64))
+_F32_SET = frozenset((torch.float32,))
+_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # csrc/launchers.h GradDType
 
 
 def backend_for(tensors: Sequence[torch.Tensor], backend: str | None = None, *, fast_ok: bool = True) -> str:
     """Which implementation runs for ``tensors``: an explicit choice, else extension > Triton > torch."""
-    choice = backend or os.environ.get("AUTOACCUM_BACKEND") or None
-    if choice is not None:
-        if choice not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} (or None for automatic); got {choice!r}")
-        if choice == "cuda" and not cuda_ext.available():
-            raise RuntimeError(f"backend='cuda' was asked for, but the CUDA extension is unavailable: "
-                               f"{cuda_ext.reason()}")
-        if choice == "triton" and not _triton_ok():
-            raise RuntimeError("backend='triton' was asked for, but triton cannot be imported")
-        return choice if fast_ok or choice == "torch" else "torch"
-    if not fast_ok or not tensors or tensors[0].device.type != "cuda":
-        return "torch"
-    if cuda_ext.available():
-        return "cuda"
-    return "triton" if _triton_ok() else "torch"
+    return _choose(tensors[0].device if tensors else torch.device("cpu"), backend, fast_ok)
 
 
 def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], weight: float, *,
                 assign: bool = False, backend: str | None = None) -> None:
     """Fold ``weight * grads[i]`` into ``accs[i]`` (or overwrite with it when ``assign``)."""
     w = _check_weight(weight)
-    pairs = _check_pairs(accs, grads)
-    if not pairs:
+    if not isinstance(accs, (list, tuple)) or not isinstance(grads, (list, tuple)):
+        raise TypeError("accs and grads must be lists (or tuples) of tensors")
+    if len(accs) != len(grads):
+        raise ValueError(f"accs and grads must pair up; got {len(accs)} accumulators and {len(grads)} gradients")
+    g_key = group.key_of(grads)
+    grad = group.cached(g_key, grads)              # a cached list holds no None
+    where = None                                   # positions in the caller's lists, for messages
+    if grad is None and group.NONE_ID in g_key:
+        where = [i for i, k in enumerate(g_key) if k != group.NONE_ID]
+        accs, grads, g_key = [accs[i] for i in where], [grads[i] for i in where], None
+    if not accs:
         return
-    a_list = [a for a, _ in pairs]
-    g_list = [g for _, g in pairs]
-    fast_ok = all(a.dtype == torch.float32 for a in a_list) and all(g.dtype in _FAST_GRAD_DTYPES for g in g_list)
-    chosen = backend_for(a_list, backend, fast_ok=fast_ok)
+    acc = group.facts_of(accs, check=lambda ts: _check_tensors(ts, "accs", where, grads))
+    if grad is None:
+        grad = group.facts_of(grads, g_key, check=lambda ts: _check_tensors(ts, "grads", where, accs))
+    _check_pairs(acc, grad, accs, grads, where)
+    fast_ok = acc.device is not None and acc.dtype_set == _F32_SET and grad.dtype_set <= _FAST_SET
+    chosen = _choose(acc.device if acc.device is not None else accs[0].device, backend, fast_ok)
     if chosen == "torch":
-        reference.accumulate_(a_list, g_list, w, assign)
-    elif chosen == "triton":
+        reference.accumulate_(accs, grads, w, assign)
+        return
+    if not (acc.contiguous and grad.contiguous) and grad.orders != acc.orders:
+        # a gradient laid out unlike its accumulator: copy it into the accumulator's layout
+        grads = [g if go == ao else torch.empty_like(a, dtype=g.dtype).copy_(g)
+                 for a, g, ao, go in zip(accs, grads, acc.orders, grad.orders)]
+        grad = group.facts_of(grads)
+    if chosen == "triton":
         from . import accumulate as tri
-        tri.accumulate_(a_list, g_list, w, assign)
+        tri.accumulate_(acc, grad, w, assign, acc.device)
     else:
-        device = a_list[0].device
-        with torch.cuda.device(device):   # the binding launches on the current device
-            cuda_ext.load().accumulate(a_list, g_list, w, bool(assign), torch.cuda.current_stream(device).cuda_stream)
+        mod, stream = _cuda(acc.device)
+        for dtype, idx in table.split(grad):
+            mod.accumulate(_host(acc, "ptrs", idx), _host(grad, "ptrs", idx), _host(acc, "numels", idx),
+                           _CODES[dtype], w, bool(assign), stream)
 
 
 def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Tensor = 1.0,
               max_norm: float | None = None, *, apply: bool = True, backend: str | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Norm and inf/nan flag of ``inv_scale * grads`` in one read; then scale (and clip) in one write."""
-    gs = [_flat_or_self(g) for g in _check_grads(grads) if g is not None]
+    if not isinstance(grads, (list, tuple)):
+        raise TypeError("grads must be a list (or tuple) of tensors")
     if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float))
                                  or not math.isfinite(max_norm) or max_norm <= 0):
         raise ValueError(f"max_norm must be a positive finite number or None; got {max_norm!r}")
-    if not gs:
+    key = group.key_of(grads)
+    facts = group.cached(key, grads)               # a cached list holds no None
+    where = None
+    if facts is None and group.NONE_ID in key:
+        where = [i for i, k in enumerate(key) if k != group.NONE_ID]
+        grads, key = [grads[i] for i in where], None
+    if not grads:
+        _check_inv_scale(inv_scale)
         zero = torch.zeros((), dtype=torch.float32)
         return zero, zero.clone()
-    device = gs[0].device
-    inv = _check_inv_scale(inv_scale, device)
-    fast_ok = all(g.dtype in _FAST_GRAD_DTYPES and g.is_contiguous() for g in gs)
-    chosen = backend_for(gs, backend, fast_ok=fast_ok)
+    if facts is None:
+        facts = group.facts_of(grads, key, check=lambda ts: _check_tensors(ts, "grads", where))
+    if not facts.dtype_set <= _GRAD_SET:
+        bad = facts.first(_GRAD_SET.__contains__)
+        raise TypeError(f"grads[{_at(where, bad)}] is {facts.dtypes[bad]}; gradients must be bfloat16, float16, "
+                        f"float32 or float64")
+    if facts.device is None:
+        raise ValueError(f"grads are on several devices ({sorted(map(str, facts.devices))}); "
+                         f"finalize one device at a time")
+    device = facts.device
+    _check_inv_scale(inv_scale)
+    fast_ok = facts.dtype_set <= _FAST_SET and facts.dense_failure() is None
+    chosen = _choose(device, backend, fast_ok)
     if chosen == "torch":
-        return reference.finalize_(gs, inv, max_norm, apply)
+        return reference.finalize_(list(grads), _inv_tensor(inv_scale, device, torch.float64), max_norm, apply)
+    inv = _inv_tensor(inv_scale, device, torch.float32)
     if chosen == "triton":
         from . import finalize as tri
-        norm, found, _ = tri.finalize_(gs, inv.to(torch.float32).reshape(1), max_norm, apply)
+        norm, found, _ = tri.finalize_(facts, inv, max_norm, apply, device)
         return norm, found
+    mod, stream = _cuda(device)
+    parts = table.split(facts)
     result = torch.empty(3, dtype=torch.float32, device=device)
-    with torch.cuda.device(device):       # the binding launches on the current device
-        cuda_ext.load().finalize(gs, inv.to(torch.float32).reshape(1), -1.0 if max_norm is None else float(max_norm),
-                                 bool(apply), result, torch.cuda.current_stream(device).cuda_stream)
+    mod.finalize([_host(facts, "ptrs", idx) for _, idx in parts], [_host(facts, "numels", idx) for _, idx in parts],
+                 [_CODES[d] for d, _ in parts], inv, -1.0 if max_norm is None else float(max_norm), bool(apply),
+                 result, stream)
     return result[0], result[1]
 
 
@@ -113,97 +141,133 @@ def _check_weight(weight) -> float:
     return float(weight)
 
 
-def _check_pairs(accs, grads) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if not isinstance(accs, (list, tuple)) or not isinstance(grads, (list, tuple)):
-        raise TypeError("accs and grads must be lists (or tuples) of tensors")
-    if len(accs) != len(grads):
-        raise ValueError(f"accs and grads must pair up; got {len(accs)} accumulators and {len(grads)} gradients")
-    pairs = []
-    for i, (a, g) in enumerate(zip(accs, grads)):
-        if g is None:
-            continue
-        if not isinstance(a, torch.Tensor) or not isinstance(g, torch.Tensor):
-            raise TypeError(f"accs[{i}] and grads[{i}] must be tensors; got {type(a).__name__} and "
-                            f"{type(g).__name__}")
-        if a.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"accs[{i}] is {a.dtype}; accumulators must be float32 (or float64)")
-        if g.dtype not in _GRAD_DTYPES:
-            raise TypeError(f"grads[{i}] is {g.dtype}; gradients must be bfloat16, float16, float32 or float64")
-        if g.dtype == torch.float64 and a.dtype != torch.float64:
-            raise TypeError(f"grads[{i}] is float64 but accs[{i}] is float32, which would round it; "
-                            f"accumulate float64 gradients into float64")
-        if a.shape != g.shape:
-            raise ValueError(f"accs[{i}] has shape {tuple(a.shape)} but grads[{i}] has {tuple(g.shape)}")
-        if a.device != g.device:
-            raise ValueError(f"accs[{i}] is on {a.device} but grads[{i}] is on {g.device}")
-        if not a.is_contiguous():
-            order = dense_order(a)          # e.g. channels_last: both sides in the accumulator's memory order
-            flat = in_memory_order(a, order)
-            if flat is None:
-                raise ValueError(f"accs[{i}] has gaps or overlaps in memory (strides {a.stride()}); accumulators "
-                                 f"are written as flat memory: use views of a contiguous buffer")
-            a, g = flat, g.permute(order)
-        if not g.is_contiguous():
-            g = g.contiguous()  # a copy: correct, but it costs one extra read and write
-        pairs.append((a, g))
-    _check_no_overlap([a for a, _ in pairs])
-    return pairs
+def _at(where: list[int] | None, i: int) -> int:
+    """Position ``i`` of the list without its None entries, as a position in the caller's list."""
+    return i if where is None else where[i]
 
 
-def _flat_or_self(g: torch.Tensor) -> torch.Tensor:
-    """A dense gradient in its memory order (a contiguous view the fast kernels can take), else itself."""
-    view = in_memory_order(g)
-    return g if view is None else view
+def _check_tensors(ts: list, name: str, where: list[int] | None, other: list | None = None) -> None:
+    """Every entry a tensor: one pass over the distinct types, a loop only to name the culprit."""
+    if all(issubclass(t, torch.Tensor) for t in set(map(type, ts))):
+        return
+    i = next(i for i, t in enumerate(ts) if not isinstance(t, torch.Tensor))
+    k = _at(where, i)
+    if other is None:
+        raise TypeError(f"{name}[{k}] must be a tensor or None; got {type(ts[i]).__name__}")
+    a, g = (ts[i], other[i]) if name == "accs" else (other[i], ts[i])
+    raise TypeError(f"accs[{k}] and grads[{k}] must be tensors; got {type(a).__name__} and {type(g).__name__}")
 
 
-def _check_grads(grads) -> list[torch.Tensor | None]:
-    if not isinstance(grads, (list, tuple)):
-        raise TypeError("grads must be a list (or tuple) of tensors")
-    devices = set()
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
-        if not isinstance(g, torch.Tensor):
-            raise TypeError(f"grads[{i}] must be a tensor or None; got {type(g).__name__}")
-        if g.dtype not in _GRAD_DTYPES:
-            raise TypeError(f"grads[{i}] is {g.dtype}; gradients must be bfloat16, float16, float32 or float64")
-        devices.add(g.device)
-    if len(devices) > 1:
-        raise ValueError(f"grads are on several devices ({sorted(map(str, devices))}); finalize one device at a time")
-    return list(grads)
+def _check_pairs(acc: group.Facts, grad: group.Facts, accs: list, grads: list, where: list[int] | None) -> None:
+    """Accumulators float32/float64, dense and apart; gradients of a dtype they can take, same shape and
+    device. A pair of cached lists is checked once."""
+    if acc.cache.get("checked with") is grad:
+        return
+    if not acc.dtype_set <= _ACC_SET:
+        bad = acc.first(_ACC_SET.__contains__)
+        raise TypeError(f"accs[{_at(where, bad)}] is {acc.dtypes[bad]}; accumulators must be float32 (or float64)")
+    if not grad.dtype_set <= _GRAD_SET:
+        bad = grad.first(_GRAD_SET.__contains__)
+        raise TypeError(f"grads[{_at(where, bad)}] is {grad.dtypes[bad]}; gradients must be bfloat16, float16, "
+                        f"float32 or float64")
+    if torch.float64 in grad.dtype_set and acc.dtype_set != {torch.float64}:
+        for i, (a, g) in enumerate(zip(acc.dtypes, grad.dtypes)):
+            if g == torch.float64 and a != torch.float64:
+                k = _at(where, i)
+                raise TypeError(f"grads[{k}] is float64 but accs[{k}] is float32, which would round it; "
+                                f"accumulate float64 gradients into float64")
+    if acc.shapes != grad.shapes:
+        i = next(i for i, (a, g) in enumerate(zip(acc.shapes, grad.shapes)) if a != g)
+        k = _at(where, i)
+        raise ValueError(f"accs[{k}] has shape {tuple(acc.shapes[i])} but grads[{k}] has {tuple(grad.shapes[i])}")
+    if acc.device is None or grad.devices != acc.devices:
+        for i, (a, g) in enumerate(zip(accs, grads)):
+            if a.device != g.device:
+                k = _at(where, i)
+                raise ValueError(f"accs[{k}] is on {a.device} but grads[{k}] is on {g.device}")
+    bad = acc.dense_failure()
+    if bad is not None:
+        raise ValueError(f"accs[{_at(where, bad)}] has gaps or overlaps in memory (strides {accs[bad].stride()}); "
+                         f"accumulators are written as flat memory: use views of a contiguous buffer")
+    pair = acc.overlap(accs)
+    if pair is not None:
+        raise ValueError(f"accs[{_at(where, pair[0])}] and accs[{_at(where, pair[1])}] overlap in memory; every "
+                         f"accumulator needs its own memory")
+    if acc.cached and grad.cached:
+        acc.cache["checked with"] = grad
 
 
-def _check_inv_scale(inv_scale, device) -> torch.Tensor:
+def _check_inv_scale(inv_scale) -> None:
     if isinstance(inv_scale, torch.Tensor):
         if inv_scale.numel() != 1:
             raise ValueError(f"inv_scale must be one number; got a tensor of shape {tuple(inv_scale.shape)}")
-        return inv_scale.to(device).reshape(())
+        return
     if isinstance(inv_scale, bool) or not isinstance(inv_scale, (int, float)) or not inv_scale > 0 \
             or not math.isfinite(inv_scale):
         raise ValueError(f"inv_scale must be a positive finite number (1 / loss scale); got {inv_scale!r}")
-    # torch.full launches a fill with the value as an argument; torch.tensor(value, device=cuda) would
-    # copy it from pageable host memory, which waits for the device on every step.
-    return torch.full((), float(inv_scale), dtype=torch.float64, device=device)
 
 
-def _check_no_overlap(accs: list[torch.Tensor]) -> None:
-    """Two accumulators sharing memory would race (and double-count); reject them."""
-    by_storage: dict[int, list[tuple[int, int, int]]] = {}
-    keep = []  # holding the storages keeps their ids unique while we compare
-    for i, a in enumerate(accs):
-        if a.numel() == 0:
-            continue
-        st = a.untyped_storage()
-        keep.append(st)
-        start = a.storage_offset() * a.element_size()
-        by_storage.setdefault(id(st), []).append((start, start + a.numel() * a.element_size(), i))
-    for spans in by_storage.values():
-        spans.sort()
-        for (_, end0, i), (start1, _, j) in zip(spans, spans[1:]):
-            if start1 < end0:
-                raise ValueError(f"accs[{i}] and accs[{j}] overlap in memory; every accumulator needs its own memory")
+_INV: dict = {}
 
 
+def _inv_tensor(inv_scale, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``inv_scale`` as a one-element device tensor. A number is made with ``torch.full`` (a fill
+    launched with the value as an argument; ``torch.tensor(value, device=cuda)`` would copy it from
+    pageable host memory and wait for the device) once per (value, device, dtype): kernels only read it."""
+    if isinstance(inv_scale, torch.Tensor):
+        return inv_scale.to(device=device, dtype=dtype).reshape(1)
+    key = (float(inv_scale), device, dtype)
+    hit = _INV.get(key)
+    if hit is None:
+        if len(_INV) >= 64:
+            _INV.clear()
+        hit = _INV[key] = torch.full((1,), float(inv_scale), dtype=dtype, device=device)
+    return hit
+
+
+# ---------------------------------------------------------------- launching
+def _choose(device: torch.device, backend: str | None, fast_ok: bool) -> str:
+    choice = backend or os.environ.get("AUTOACCUM_BACKEND") or None
+    if choice is not None:
+        return _forced(choice, fast_ok)
+    if not fast_ok or device.type != "cuda":
+        return "torch"
+    if cuda_ext.available():
+        return "cuda"
+    return "triton" if _triton_ok() else "torch"
+
+
+def _forced(choice: str, fast_ok: bool) -> str:
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (or None for automatic); got {choice!r}")
+    if choice == "cuda" and not cuda_ext.available():
+        raise RuntimeError(f"backend='cuda' was asked for, but the CUDA extension is unavailable: "
+                           f"{cuda_ext.reason()}")
+    if choice == "triton" and not _triton_ok():
+        raise RuntimeError("backend='triton' was asked for, but triton cannot be imported")
+    return choice if fast_ok or choice == "torch" else "torch"
+
+
+def _host(facts: group.Facts, what: str, idx) -> torch.Tensor:
+    """``facts.ptrs`` or ``facts.numels`` (the ``idx`` part) as a CPU int64 tensor for the extension."""
+    key = ("host", what, None if idx is None else idx.tobytes())
+    hit = facts.cache.get(key)
+    if hit is None:
+        hit = torch.from_numpy(table.pick(getattr(facts, what), idx))
+        if facts.cached:
+            facts.cache[key] = hit
+    return hit
+
+
+def _cuda(device: torch.device):
+    """The extension and the current stream of ``device``, made the current device (the binding
+    launches on the current device)."""
+    if device.index is not None and device.index != torch.cuda.current_device():
+        torch.cuda.set_device(device)
+    return cuda_ext.load(), torch.cuda.current_stream(device).cuda_stream
+
+
+@functools.cache
 def _triton_ok() -> bool:
     try:
         import triton  # noqa: F401

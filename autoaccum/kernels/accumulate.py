@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from . import table
+from .group import Facts
 
 BLOCK = 1024
 ITERS = 8
@@ -41,17 +42,15 @@ def _accumulate_kernel(acc_ptrs, grad_ptrs, numels, chunk_tensor, chunk_start, w
         tl.store(acc + offs, out, mask=mask)
 
 
-def accumulate_(accs: list[torch.Tensor], grads: list[torch.Tensor], weight: float, assign: bool) -> None:
-    """Launch once per gradient dtype; ``accs`` float32 and contiguous, pairs already validated."""
-    by_dtype: dict = {}
-    for a, g in zip(accs, grads):
-        by_dtype.setdefault(g.dtype, ([], []))
-        by_dtype[g.dtype][0].append(a)
-        by_dtype[g.dtype][1].append(g)
-    for dtype, (a_list, g_list) in by_dtype.items():
-        tab = table.build([a_list, g_list], CHUNK)
-        if tab.programs == 0:
+def accumulate_(acc: Facts, grad: Facts, weight: float, assign: bool, device: torch.device) -> None:
+    """One launch per gradient dtype; the pairs were checked (fp32 accumulators, gradients laid out
+    like them) and ``acc``/``grad`` hold their addresses and sizes."""
+    for dtype, idx in table.split(grad):
+        lay, acc_ptrs = table.layout(acc, idx, CHUNK, device)
+        if lay.programs == 0:
             continue
-        _accumulate_kernel[(tab.programs,)](
-            tab.ptrs[0], tab.ptrs[1], tab.numels, tab.chunk_tensor, tab.chunk_start, float(weight),
-            GRAD_DTYPE=TL_DTYPES[dtype], ASSIGN=bool(assign), BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS)
+        _accumulate_kernel[(lay.programs,)](
+            acc_ptrs, table.addresses(grad, idx, device), lay.numels, lay.chunk_tensor, lay.chunk_start,
+            float(weight), GRAD_DTYPE=TL_DTYPES[dtype], ASSIGN=bool(assign), BLOCK=BLOCK, ITERS=ITERS,
+            num_warps=NUM_WARPS)
+

@@ -12,6 +12,8 @@ from pathlib import Path
 
 _module = None
 _reason = "not loaded yet"
+_import_failed = False   # the prebuilt module is looked for once: a failed import costs ~50 µs per call
+_jit_failed = False      # and a failed JIT build is not retried on every kernel call
 SOURCES = ["bindings.cpp", "accumulate_kernel.cu", "finalize_kernel.cu"]
 
 
@@ -22,18 +24,21 @@ def csrc_dir() -> Path:
 
 def load(jit: bool | None = None):
     """The extension module, or None (see ``reason()``)."""
-    global _module, _reason
+    global _module, _reason, _import_failed, _jit_failed
     if _module is not None:
         return _module
+    if jit is None:
+        jit = os.environ.get("AUTOACCUM_CUDA_JIT") == "1"
+    if _import_failed and not jit:
+        return None
     try:
         from autoaccum import _C  # built by setup.py
         _module, _reason = _C, "prebuilt autoaccum._C"
         return _module
     except ImportError as e:
+        _import_failed = True
         _reason = f"autoaccum._C is not built ({e})"
-    if jit is None:
-        jit = os.environ.get("AUTOACCUM_CUDA_JIT") == "1"
-    if not jit:
+    if not jit or _jit_failed:
         return None
     import torch
     if not torch.cuda.is_available() or torch.version.cuda is None:
@@ -47,7 +52,7 @@ def load(jit: bool | None = None):
         _reason = "JIT-built from csrc/"
     except Exception as e:  # a failed build must not break training: Triton takes over
         _reason = f"JIT build failed: {type(e).__name__}: {e}"
-        _module = None
+        _module, _jit_failed = None, True
     return _module
 
 

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from . import table
 from .accumulate import BLOCK, CHUNK, ITERS, NUM_WARPS, TL_DTYPES
+from .group import Facts
 from .reference import CLIP_EPS
 
 REDUCE_BLOCK = 1024
@@ -95,31 +96,29 @@ def _scale_kernel(grad_ptrs, numels, chunk_tensor, chunk_start, result,
             tl.store(grad + offs, (g * scale).to(GRAD_DTYPE), mask=mask)
 
 
-def finalize_(grads: list[torch.Tensor], inv_scale: torch.Tensor, max_norm: float | None, apply: bool
+def finalize_(grads: Facts, inv_scale: torch.Tensor, max_norm: float | None, apply: bool, device: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns 0-dim views of one float32 result tensor: (norm, found_inf, scale)."""
-    device = grads[0].device
-    groups: dict = {}
-    for g in grads:
-        groups.setdefault(g.dtype, []).append(g)
-    tables = {dtype: table.build([gs], CHUNK) for dtype, gs in groups.items()}
-    count = sum(t.programs for t in tables.values())
-    part_max = torch.empty(max(count, 1), dtype=torch.float32, device=device)
-    part_ssq = torch.empty_like(part_max)
-    part_bad = torch.empty(max(count, 1), dtype=torch.int32, device=device)
-    result = torch.empty(3, dtype=torch.float32, device=device)
+    """Returns 0-dim views of one float32 result tensor: (norm, found_inf, scale). ``inv_scale`` is a
+    one-element float32 tensor on ``device``; ``grads`` hold the (dense) gradients' addresses and sizes."""
+    parts = [(dtype, *table.layout(grads, idx, CHUNK, device)) for dtype, idx in table.split(grads)]
+    count = max(sum(lay.programs for _, lay, _ in parts), 1)
+    work = torch.empty(3 + 3 * count, dtype=torch.float32, device=device)   # one allocation for every output
+    result, part_max, part_ssq = work[:3], work[3:3 + count], work[3 + count:3 + 2 * count]
+    part_bad = work[3 + 2 * count:].view(torch.int32)
     offset = 0
-    for dtype, tab in tables.items():
-        _partials_kernel[(tab.programs,)](tab.ptrs[0], tab.numels, tab.chunk_tensor, tab.chunk_start,
-                                          part_max, part_ssq, part_bad, offset, GRAD_DTYPE=TL_DTYPES[dtype],
-                                          BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS)
-        offset += tab.programs
-    _combine_kernel[(1,)](part_max, part_ssq, part_bad, count, inv_scale, result,
+    for dtype, lay, ptrs in parts:
+        if lay.programs:
+            _partials_kernel[(lay.programs,)](ptrs, lay.numels, lay.chunk_tensor, lay.chunk_start, part_max,
+                                              part_ssq, part_bad, offset, GRAD_DTYPE=TL_DTYPES[dtype],
+                                              BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS)
+        offset += lay.programs
+    _combine_kernel[(1,)](part_max, part_ssq, part_bad, offset, inv_scale, result,
                           float(max_norm) if max_norm is not None else 0.0, CLIP_EPS,
                           HAS_MAX_NORM=max_norm is not None, BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
     if apply:
-        for dtype, tab in tables.items():
-            _scale_kernel[(tab.programs,)](tab.ptrs[0], tab.numels, tab.chunk_tensor, tab.chunk_start, result,
-                                           GRAD_DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK, ITERS=ITERS,
-                                           num_warps=NUM_WARPS)
+        for dtype, lay, ptrs in parts:
+            if lay.programs:
+                _scale_kernel[(lay.programs,)](ptrs, lay.numels, lay.chunk_tensor, lay.chunk_start, result,
+                                               GRAD_DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK, ITERS=ITERS,
+                                               num_warps=NUM_WARPS)
     return result[0], result[1], result[2]

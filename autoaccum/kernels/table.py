@@ -2,58 +2,90 @@
 
 Apex's ``multi_tensor_apply`` packs tensor addresses and sizes into kernel arguments and maps
 every block to a (tensor, chunk) pair. Triton takes no arrays of pointers as arguments, so the
-same table lives in a small int64 device tensor: per tensor its addresses and element count,
-per program the tensor it works on and where its chunk starts. Tables are cached by addresses
-and sizes (the caching allocator hands autograd the same addresses step after step), so a
-repeated call costs no host-to-device copy.
+same table lives in small int64 device tensors: per tensor its address and element count, per
+program the tensor it works on and where its chunk starts. The parts that depend only on the
+tensor list (sizes, chunk map, the addresses of a repeated list) are cached in the list's
+:class:`~autoaccum.kernels.group.Facts`; addresses of fresh tensors are uploaded per call, from
+pinned memory without waiting.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 32
+from .group import Facts
 
 
 @dataclass
-class Table:
-    ptrs: list[torch.Tensor]     # one int64 tensor of addresses per operand list
+class Layout:
     numels: torch.Tensor         # int64 [tensors]
     chunk_tensor: torch.Tensor   # int64 [programs]: which tensor a program works on
     chunk_start: torch.Tensor    # int64 [programs]: first element of its chunk
     programs: int
 
 
-def build(operands: list[list[torch.Tensor]], chunk: int) -> Table:
-    """A table over tensors ``operands[k][i]`` (same numel for every k), chunks of ``chunk`` elements."""
-    first = operands[0]
-    device = first[0].device
-    numels = np.fromiter((t.numel() for t in first), dtype=np.int64, count=len(first))
-    addresses = [np.fromiter((t.data_ptr() for t in ts), dtype=np.int64, count=len(ts)) for ts in operands]
-    key = (device, chunk, numels.tobytes(), *(a.tobytes() for a in addresses))
-    hit = _CACHE.get(key)
-    if hit is not None:
-        _CACHE.move_to_end(key)
-        return hit
-    per_tensor = (numels + chunk - 1) // chunk
-    chunk_tensor = np.repeat(np.arange(len(first), dtype=np.int64), per_tensor)
-    firsts = np.cumsum(per_tensor) - per_tensor
-    chunk_start = (np.arange(int(per_tensor.sum()), dtype=np.int64) - np.repeat(firsts, per_tensor)) * chunk
-    host = torch.from_numpy(np.concatenate([*addresses, numels, chunk_tensor, chunk_start]))
+def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Host int64 arrays as device tensors, in one copy that does not wait for the device."""
+    host = torch.from_numpy(np.concatenate(arrays) if len(arrays) > 1 else np.ascontiguousarray(arrays[0]))
     if device.type == "cuda":
-        host = host.pin_memory()
-    flat = host.to(device, non_blocking=True)
-    n = len(first)
-    ptrs = [flat[k * n:(k + 1) * n] for k in range(len(operands))]
-    rest = flat[len(operands) * n:]
-    programs = len(chunk_tensor)
-    table = Table(ptrs=ptrs, numels=rest[:n], chunk_tensor=rest[n:n + programs],
-                  chunk_start=rest[n + programs:], programs=programs)
-    _CACHE[key] = table
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return table
+        flat = host.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = host.to(device, copy=True)
+    out, start = [], 0
+    for a in arrays:
+        out.append(flat[start:start + len(a)])
+        start += len(a)
+    return out
+
+
+def by_dtype(dtypes: list[torch.dtype]) -> list[tuple[torch.dtype, np.ndarray | None]]:
+    """The tensors grouped by dtype: (dtype, indices), indices None when all share one dtype."""
+    kinds = set(dtypes)
+    if len(kinds) == 1:
+        return [(dtypes[0], None)]
+    order = {d: k for k, d in enumerate(kinds)}
+    codes = np.fromiter((order[d] for d in dtypes), dtype=np.int64, count=len(dtypes))
+    return [(d, np.flatnonzero(codes == k)) for d, k in order.items()]
+
+
+def split(facts: Facts) -> list[tuple[torch.dtype, np.ndarray | None]]:
+    """``by_dtype`` of ``facts``' tensors (one launch per group), kept with facts that are cached."""
+    hit = facts.cache.get("by_dtype")
+    if hit is None:
+        hit = by_dtype(facts.dtypes)
+        if facts.cached:
+            facts.cache["by_dtype"] = hit
+    return hit
+
+
+def pick(a: np.ndarray, idx: np.ndarray | None) -> np.ndarray:
+    return a if idx is None else a[idx]
+
+
+def layout(facts: Facts, idx: np.ndarray | None, chunk: int, device: torch.device) -> tuple[Layout, torch.Tensor]:
+    """The chunk map of ``facts``' tensors ``idx`` and their addresses on ``device``, cached in ``facts``."""
+    key = ("layout", chunk, None if idx is None else idx.tobytes())
+    hit = facts.cache.get(key)
+    if hit is None:
+        numels = pick(facts.numels, idx)
+        per_tensor = (numels + chunk - 1) // chunk
+        chunk_tensor = np.repeat(np.arange(len(numels), dtype=np.int64), per_tensor)
+        firsts = np.cumsum(per_tensor) - per_tensor
+        chunk_start = (np.arange(int(per_tensor.sum()), dtype=np.int64) - np.repeat(firsts, per_tensor)) * chunk
+        ptrs, n, ct, cs = upload([pick(facts.ptrs, idx), numels, chunk_tensor, chunk_start], device)
+        hit = (Layout(n, ct, cs, len(chunk_tensor)), ptrs)
+        facts.cache[key] = hit
+    return hit
+
+
+def addresses(facts: Facts, idx: np.ndarray | None, device: torch.device) -> torch.Tensor:
+    """``facts``' addresses ``idx`` on ``device``: cached for a repeated list, uploaded for a fresh one."""
+    if not facts.cached:
+        return upload([pick(facts.ptrs, idx)], device)[0]
+    key = ("ptrs", None if idx is None else idx.tobytes())
+    hit = facts.cache.get(key)
+    if hit is None:
+        hit = facts.cache[key] = upload([pick(facts.ptrs, idx)], device)[0]
+    return hit

@@ -1,0 +1,116 @@
+"""The kernels' per-list cache (kernels/group.py): found by identity, never stale, never holding memory."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+from autoaccum import kernels
+from autoaccum.kernels import group
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    kernels.forget()
+    yield
+    kernels.forget()
+
+
+def views(sizes, gen):
+    flat = torch.randn(sum(sizes), generator=gen)
+    return list(torch.split(flat, sizes))
+
+
+def count_builds(monkeypatch) -> list:
+    built = []
+    real = group.Facts.__init__
+
+    def spy(self, tensors):
+        built.append(len(tensors))
+        real(self, tensors)
+
+    monkeypatch.setattr(group.Facts, "__init__", spy)
+    return built
+
+
+def test_a_repeated_list_is_checked_once(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    accs = views([5, 17, 300], gen)
+    grads = [torch.randn(a.shape, generator=gen).bfloat16() for a in accs]
+    built = count_builds(monkeypatch)
+    for _ in range(2):                         # first sighting: not kept; second: kept
+        kernels.accumulate_(list(accs), list(grads), 0.5)
+        kernels.finalize_(list(accs), 1.0, 10.0)
+    before = len(built)
+    for _ in range(5):                         # new list objects, same tensors: found again
+        kernels.accumulate_(list(accs), list(grads), 0.5)
+        kernels.finalize_(list(accs), 1.0, 10.0)
+    assert len(built) == before
+
+
+def test_the_cache_holds_no_tensor_and_forgets_freed_ones():
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(n, generator=gen) for n in (3, 4000)]
+    key = group.key_of(grads)
+    for _ in range(2):
+        kernels.finalize_(grads, 1.0, None)
+    assert group.cached(key, grads) is not None
+    ref = weakref.ref(grads[1])
+    del grads
+    gc.collect()
+    assert ref() is None, "the cache kept a gradient alive"
+    assert group.cached(key, []) is None, "a freed tensor's entry must go (its id may be reused)"
+
+
+@pytest.mark.interpreter
+def test_a_storage_reallocated_under_a_cached_list_is_noticed():
+    """FSDP frees and re-allocates storages in place: same tensor objects, new addresses."""
+    gen = torch.Generator().manual_seed(2)
+    accs = views([7, 5000], gen)
+    grads = [torch.randn(a.shape, generator=gen) for a in accs]
+    for _ in range(2):
+        kernels.accumulate_(accs, grads, 1.0, assign=True, backend="triton")
+    key = group.key_of(grads)
+    assert group.cached(key, grads) is not None
+    old = grads[1].data_ptr()
+    storage = grads[1].untyped_storage()
+    nbytes = storage.nbytes()
+    storage.resize_(0)
+    blocker = torch.empty(nbytes // 4)         # takes the freed memory, so the storage moves
+    storage.resize_(nbytes)
+    grads[1].copy_(torch.arange(5000, dtype=torch.float32))
+    moved = grads[1].data_ptr() != old
+    if moved:
+        assert group.cached(key, grads) is None
+    kernels.accumulate_(accs, grads, 1.0, assign=True, backend="triton")
+    assert torch.equal(accs[1], torch.arange(5000, dtype=torch.float32))
+    assert torch.equal(accs[0], grads[0])
+    del blocker
+
+
+def test_a_bad_list_is_rejected_even_after_a_good_one_was_cached():
+    gen = torch.Generator().manual_seed(3)
+    accs = views([5, 6], gen)
+    grads = [torch.randn(a.shape, generator=gen) for a in accs]
+    for _ in range(3):
+        kernels.accumulate_(accs, grads, 0.5)
+    before = [a.clone() for a in accs]
+    with pytest.raises(ValueError, match=r"accs\[1\] has shape \(6,\) but grads\[1\] has \(7,\)"):
+        kernels.accumulate_(accs, [grads[0], torch.randn(7)], 0.5)
+    with pytest.raises(TypeError, match=r"grads\[0\] is torch.int64"):
+        kernels.accumulate_(accs, [grads[0].long(), grads[1]], 0.5)
+    with pytest.raises(ValueError, match=r"accs\[1\] is on cpu but grads\[1\] is on meta"):
+        kernels.accumulate_(accs, [grads[0], grads[1].to("meta")], 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(accs, before))
+
+
+def test_none_gradients_in_a_list_that_is_otherwise_cached():
+    gen = torch.Generator().manual_seed(4)
+    accs = views([5, 6, 7], gen)
+    grads = [torch.randn(a.shape, generator=gen) for a in accs]
+    for _ in range(3):
+        kernels.accumulate_(accs, grads, 1.0, assign=True)
+    kernels.accumulate_(accs, [None, grads[1], None], 1.0)
+    assert torch.equal(accs[0], grads[0]) and torch.equal(accs[1], 2 * grads[1])
+    with pytest.raises(TypeError, match=r"grads\[2\]"):
+        kernels.finalize_([None, grads[1], "x"])
