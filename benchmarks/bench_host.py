@@ -56,7 +56,7 @@ class _NoExtension:
     """Stands in for the CUDA extension module: same functions, no launches."""
     calls = 0
 
-    def accumulate(self, acc_ptrs, grad_ptrs, numels, code, weight, assign, stream):
+    def accumulate(self, acc_ptrs, grad_ptrs, numels, grad_dtype, weight, assign, stream):
         _NoExtension.calls += 1
 
     def finalize(self, ptrs, numels, codes, inv_scale, max_norm, apply, result, stream):

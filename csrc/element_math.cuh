@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define AA_HD __host__ __device__ __forceinline__
@@ -16,6 +17,20 @@ namespace autoaccum {
 // acc = w * g (assign) or acc + w * g, in float32 whatever g's storage type was.
 AA_HD float accumulate_element(float acc, float g, float w, bool assign) {
   return assign ? w * g : acc + w * g;
+}
+
+// Which elements of [begin, end) one thread handles: whole vectors of `n` elements (128-bit
+// accesses) from `begin` up to the last whole vector, thread t taking vectors t, t + threads, ...;
+// then the scalar tail, element by element. Unaligned data (`vectorised` false) is all tail.
+struct Stripes {
+  int64_t vec_begin, vec_end, vec_step;
+  int64_t tail_begin, tail_end, tail_step;
+};
+
+AA_HD Stripes stripes(int64_t begin, int64_t end, int thread, int threads, int n, bool vectorised) {
+  const int64_t body_end = vectorised ? begin + ((end - begin) / n) * n : begin;
+  return Stripes{begin + static_cast<int64_t>(thread) * n, body_end, static_cast<int64_t>(threads) * n,
+                 body_end + thread, end, threads};
 }
 
 // Running 2-norm without overflow or underflow: sum((|x| / max)^2) rescaled as max grows

@@ -1,21 +1,13 @@
 // Gradient finalize: norm + inf/nan flag in one read pass (per-block partials, then one block that
 // combines them in a fixed order: deterministic, no atomics), then the scale in one write pass.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+// Both passes use 128-bit accesses where the gradients are aligned, with a scalar tail.
 #include "element_math.cuh"
 #include "launchers.h"
 #include "multi_tensor.cuh"
+#include "vector_access.cuh"
 
 namespace autoaccum {
 namespace {
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void from_float(float v, float* out) { *out = v; }
-__device__ __forceinline__ void from_float(float v, __half* out) { *out = __float2half_rn(v); }
-__device__ __forceinline__ void from_float(float v, __nv_bfloat16* out) { *out = __float2bfloat16_rn(v); }
 
 // Tree reduction of NormState across a block; every thread returns the block's total.
 __device__ NormState block_merge(NormState s) {
@@ -46,11 +38,18 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(TensorList<1> list, 
   const int tensor = list.block_to_tensor[blockIdx.x];
   const int64_t chunk = list.block_to_chunk[blockIdx.x];
   const int64_t n = list.sizes[tensor];
+  constexpr int N = VectorWidth<G>::value;
   const G* grad = static_cast<const G*>(list.addresses[0][tensor]);
   const int64_t begin = chunk * kChunk;
   const int64_t end = begin + kChunk < n ? begin + kChunk : n;
+  const Stripes st = stripes(begin, end, threadIdx.x, blockDim.x, N, aligned_to(grad + begin, N * sizeof(G)));
   NormState s = norm_empty();
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) norm_update(s, to_float(grad[i]));
+  for (int64_t i = st.vec_begin; i < st.vec_end; i += st.vec_step) {
+    const Pack<G, N> g = *reinterpret_cast<const Pack<G, N>*>(grad + i);
+#pragma unroll
+    for (int k = 0; k < N; ++k) norm_update(s, to_float(g.v[k]));
+  }
+  for (int64_t i = st.tail_begin; i < st.tail_end; i += st.tail_step) norm_update(s, to_float(grad[i]));
   NormState total = block_merge(s);
   if (threadIdx.x == 0) {
     part_max[offset + blockIdx.x] = total.max;
@@ -97,17 +96,24 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(TensorList<1> list, con
   const int tensor = list.block_to_tensor[blockIdx.x];
   const int64_t chunk = list.block_to_chunk[blockIdx.x];
   const int64_t n = list.sizes[tensor];
+  constexpr int N = VectorWidth<G>::value;
   G* grad = static_cast<G*>(list.addresses[0][tensor]);
   const int64_t begin = chunk * kChunk;
   const int64_t end = begin + kChunk < n ? begin + kChunk : n;
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) from_float(to_float(grad[i]) * scale, &grad[i]);
+  const Stripes st = stripes(begin, end, threadIdx.x, blockDim.x, N, aligned_to(grad + begin, N * sizeof(G)));
+  for (int64_t i = st.vec_begin; i < st.vec_end; i += st.vec_step) {
+    Pack<G, N> g = *reinterpret_cast<const Pack<G, N>*>(grad + i);
+#pragma unroll
+    for (int k = 0; k < N; ++k) from_float(to_float(g.v[k]) * scale, &g.v[k]);
+    *reinterpret_cast<Pack<G, N>*>(grad + i) = g;
+  }
+  for (int64_t i = st.tail_begin; i < st.tail_end; i += st.tail_step) from_float(to_float(grad[i]) * scale, &grad[i]);
 }
 
 template <typename G>
-void partials(const std::vector<const void*>& grads, const std::vector<int64_t>& numels, float* part_max,
+void partials(const std::vector<void*>& grads, const std::vector<int64_t>& numels, float* part_max,
               float* part_ssq, int* part_bad, int64_t offset, cudaStream_t stream) {
-  std::vector<std::vector<void*>> addresses(1);
-  for (const void* g : grads) addresses[0].push_back(const_cast<void*>(g));
+  const std::vector<std::vector<void*>> addresses(1, grads);
   multi_tensor_apply<1>(addresses, numels, [&](const TensorList<1>& list, int blocks, int64_t before) {
     partials_kernel<G><<<blocks, kThreads, 0, stream>>>(list, part_max, part_ssq, part_bad, offset + before);
     check_launch("norm partials");
@@ -128,7 +134,7 @@ void scale(const std::vector<void*>& grads, const std::vector<int64_t>& numels, 
 
 int64_t norm_partial_count(const std::vector<int64_t>& numels) { return count_blocks(numels); }
 
-void launch_norm_partials(int grad_dtype, const std::vector<const void*>& grads, const std::vector<int64_t>& numels,
+void launch_norm_partials(int grad_dtype, const std::vector<void*>& grads, const std::vector<int64_t>& numels,
                           float* part_max, float* part_ssq, int* part_bad, int64_t offset, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (grad_dtype) {

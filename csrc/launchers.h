@@ -12,14 +12,14 @@ enum GradDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr double kClipEps = 1e-6;  // clip_grad_norm_'s epsilon
 
 // acc[i] (+)= weight * float(grad[i]) for every pair; accs float32, grads all of `grad_dtype`.
-void launch_accumulate(int grad_dtype, const std::vector<void*>& accs, const std::vector<const void*>& grads,
+void launch_accumulate(int grad_dtype, const std::vector<void*>& accs, const std::vector<void*>& grads,
                        const std::vector<int64_t>& numels, float weight, bool assign, void* stream);
 
 // Number of per-block partials launch_norm_partials writes for these tensors.
 int64_t norm_partial_count(const std::vector<int64_t>& numels);
 
 // One read pass: per-block (max, ssq, bad) partials written at [offset, offset + count).
-void launch_norm_partials(int grad_dtype, const std::vector<const void*>& grads, const std::vector<int64_t>& numels,
+void launch_norm_partials(int grad_dtype, const std::vector<void*>& grads, const std::vector<int64_t>& numels,
                           float* part_max, float* part_ssq, int* part_bad, int64_t offset, void* stream);
 
 // One block, fixed order: result = {norm of inv_scale * g (inf if bad), found_inf, applied scale}.

@@ -27,3 +27,30 @@ def test_bench_reference_measures_error_against_float64(tmp_path):
     data, _ = run("bench_reference.py", "--totals", "1e5", "--repeat", "1", tmp_path=tmp_path)
     for row in data["results"]:
         assert row["autoaccum_norm_rel_error"] <= 1e-6 and row["ratio"] > 0, row
+
+
+def test_bench_host_drives_both_fast_paths_through_their_stubs(tmp_path):
+    data, stdout = run("bench_host.py", "--calls", "12", "--counts", "10", "300", tmp_path=tmp_path)
+    cases = {(r["case"], r["backend"], r["tensors"]) for r in data["rows"]}
+    for backend in ("triton", "cuda"):
+        for case in ("accumulate repeated", "accumulate fresh grads", "finalize repeated"):
+            assert (case, backend, 300) in cases
+    assert all(r["median_us"] > 0 for r in data["rows"])
+
+
+def test_the_extension_stub_takes_the_bindings_arguments():
+    """bench_host's stand-in for the CUDA extension must take what csrc/bindings.cpp declares, or the
+    host-time figures would measure calls the real module rejects."""
+    import inspect
+    import re
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_host import _NoExtension
+    finally:
+        sys.path.pop(0)
+    source = (ROOT / "csrc" / "bindings.cpp").read_text()
+    for name in ("accumulate", "finalize"):
+        decl = re.search(rf'm\.def\("{name}",(.*?)\);', source, re.S).group(1)
+        declared = re.findall(r'py::arg\("(\w+)"\)', decl)
+        stub = list(inspect.signature(getattr(_NoExtension, name)).parameters)[1:]
+        assert stub == declared, (name, stub, declared)

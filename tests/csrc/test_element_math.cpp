@@ -79,6 +79,35 @@ int main() {
   check(std::fabs(clip_scale(10.0, 0.5, 1.0, 1e-6) - 0.5 * 1.0 / (10.0 + 1e-6)) < 1e-15, "clip coefficient");
   check(clip_scale(0.5, 0.25, 1.0, 1e-6) == 0.25, "coefficient clamped at 1");
 
+  // Every element of a chunk is visited exactly once, whole vectors start on vector boundaries,
+  // for odd sizes, every thread count, vectorised or not (as the kernels walk their chunks).
+  for (int n : {4, 8}) {
+    for (int64_t begin : {int64_t{0}, int64_t{16384}}) {
+      for (int64_t len : {int64_t{0}, int64_t{1}, int64_t{7}, int64_t{8}, int64_t{9}, int64_t{4095}, int64_t{16384}}) {
+        for (int threads : {1, 3, 512}) {
+          for (bool vectorised : {true, false}) {
+            std::vector<int> seen(static_cast<size_t>(len), 0);
+            bool aligned = true;
+            for (int t = 0; t < threads; ++t) {
+              const Stripes s = stripes(begin, begin + len, t, threads, n, vectorised);
+              for (int64_t i = s.vec_begin; i < s.vec_end; i += s.vec_step) {
+                aligned = aligned && (i - begin) % n == 0 && i + n <= begin + len;
+                for (int k = 0; k < n; ++k) ++seen[static_cast<size_t>(i - begin + k)];
+              }
+              for (int64_t i = s.tail_begin; i < s.tail_end; i += s.tail_step) ++seen[static_cast<size_t>(i - begin)];
+            }
+            bool once = true;
+            for (int c : seen) once = once && c == 1;
+            char what[160];
+            std::snprintf(what, sizeof what, "stripes n=%d begin=%lld len=%lld threads=%d vectorised=%d", n,
+                          static_cast<long long>(begin), static_cast<long long>(len), threads, vectorised ? 1 : 0);
+            check(once && aligned, what);
+          }
+        }
+      }
+    }
+  }
+
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
