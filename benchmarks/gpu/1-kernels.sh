@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Step 1 (about 5 min): kernel benchmark first, so a lease always yields numbers.
+# Step 1 (about 6 min): host time per kernel call (seconds), then the kernel benchmark, so a lease
+# always yields numbers.
 source "$(dirname "$0")/common.sh"
 if [ "$DRY_RUN" = 1 ]; then
+  step host 60 $PY benchmarks/bench_host.py --calls 20 --counts 10 1000 --json "$OUT/host.json"
   step kernels 120 $PY benchmarks/bench_kernels.py --dry-run --json "$OUT/kernels.json"
 else
-  step kernels 540 $PY benchmarks/bench_kernels.py --json "$OUT/kernels.json"
+  step host 40 $PY benchmarks/bench_host.py --device cuda --json "$OUT/host.json"
+  step kernels 500 $PY benchmarks/bench_kernels.py --json "$OUT/kernels.json"
 fi
