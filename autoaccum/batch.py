@@ -58,12 +58,35 @@ def leaves(batch: Any) -> list[torch.Tensor]:
 
 
 def split(batch: Any, sizes: list[int]) -> list[Any]:
-    """Cut ``batch`` into consecutive parts of ``sizes`` rows; tensors become views, not copies."""
+    """Cut ``batch`` into consecutive parts of ``sizes`` rows; tensors become views, not copies.
+
+    Each leaf is cut once (``torch.split``: one call for all parts), then the parts are put back
+    into the batch's containers."""
     n = batch_size(batch)
     if sum(sizes) != n or any(s <= 0 for s in sizes):
         raise ValueError(f"sizes {sizes} must be positive and sum to the batch's {n} samples")
-    return [_slice(batch, start, start + size)
-            for start, size in zip(_offsets(sizes), sizes)]
+    if isinstance(batch, torch.Tensor):
+        return list(batch.split(sizes))
+    kind = type(batch)
+    if kind in (tuple, list, dict):   # the common flat batches: no container rebuilt leaf by leaf
+        values = list(batch.values()) if kind is dict else batch
+        if all(isinstance(v, torch.Tensor) for v in values):
+            columns = zip(*(v.split(sizes) for v in values))
+            if kind is dict:
+                return [dict(zip(batch.keys(), row)) for row in columns]
+            return [kind(row) for row in columns]
+    bounds = np.cumsum(sizes)[:-1]
+    pieces = map_leaves(batch, lambda leaf: _Cut(leaf.split(sizes) if isinstance(leaf, torch.Tensor)
+                                                 else np.split(leaf, bounds)))
+    return [map_leaves(pieces, lambda cut, k=k: cut.parts[k], leaf_types=(_Cut,)) for k in range(len(sizes))]
+
+
+class _Cut:
+    """A leaf's parts, standing in for the leaf while the containers are rebuilt per part."""
+    __slots__ = ("parts",)
+
+    def __init__(self, parts):
+        self.parts = parts
 
 
 def tile(batch: Any, n: int) -> Any:
@@ -117,22 +140,23 @@ def _slice(batch: Any, start: int, stop: int) -> Any:
     return map_leaves(batch, lambda leaf: leaf[start:stop])
 
 
-def map_leaves(batch: Any, fn: Callable[[_Leaf], Any]) -> Any:
-    """Rebuild ``batch`` (same container types) with ``fn`` applied to every tensor/array leaf."""
+def map_leaves(batch: Any, fn: Callable[[_Leaf], Any], *, leaf_types: tuple = ()) -> Any:
+    """Rebuild ``batch`` (same container types) with ``fn`` applied to every tensor/array leaf
+    (and to every object of ``leaf_types``, checked first)."""
     if batch is None:
         return None
-    if isinstance(batch, (torch.Tensor, np.ndarray)):
+    if isinstance(batch, (torch.Tensor, np.ndarray)) or (leaf_types and type(batch) in leaf_types):
         return fn(batch)
     if isinstance(batch, Mapping):
-        items = {k: map_leaves(v, fn) for k, v in batch.items()}
+        items = {k: map_leaves(v, fn, leaf_types=leaf_types) for k, v in batch.items()}
         try:
             return type(batch)(items)
         except Exception:  # mapping types whose constructor takes other arguments
             return items
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(map_leaves(v, fn) for v in batch))
+        return type(batch)(*(map_leaves(v, fn, leaf_types=leaf_types) for v in batch))
     if isinstance(batch, (tuple, list)):
-        return type(batch)(map_leaves(v, fn) for v in batch)
+        return type(batch)(map_leaves(v, fn, leaf_types=leaf_types) for v in batch)
     _walk(batch, "batch", lambda leaf, path: None)  # raises the TypeError that names the leaf
     raise AssertionError(f"unhandled batch element {type(batch).__name__}")  # pragma: no cover
 

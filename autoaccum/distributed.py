@@ -36,6 +36,8 @@ from .checks import resolve_accum_dtype
 SYNC_MODES = ("deferred", "overlap")
 BUCKET_BYTES = 25 << 20   # DDP's default bucket size
 
+_NO_CONTEXT = contextlib.nullcontext()   # reusable: nullcontext keeps no state
+
 
 class PeerFailure(RuntimeError):
     """Another rank failed this step (not out of memory); this rank stops with it."""
@@ -172,9 +174,12 @@ class Topology:
         return not self.shards_gradients
 
     # ------------------------------------------------------------------ gradient sync control
-    @contextlib.contextmanager
     def micro_batch(self, last: bool):
-        """Run one micro-batch with the right gradient synchronisation."""
+        """Run one micro-batch with the right gradient synchronisation (nothing to do in one process)."""
+        return self._synced_micro_batch(last) if self.kind in ("ddp", "fsdp2") else _NO_CONTEXT
+
+    @contextlib.contextmanager
+    def _synced_micro_batch(self, last: bool):
         if self.kind == "ddp":
             broadcast, self.model.broadcast_buffers = self.model.broadcast_buffers, False
             try:
@@ -185,14 +190,12 @@ class Topology:
                         yield
             finally:
                 self.model.broadcast_buffers = broadcast
-        elif self.kind == "fsdp2":
+        else:
             self.model.set_requires_gradient_sync(last)
             try:
                 yield
             finally:
                 self.model.set_requires_gradient_sync(True)
-        else:
-            yield
 
     # ------------------------------------------------------------------ agreement points
     def agree_batch(self, local_items: float, rejected: bool, micro_batches: int) -> tuple[float, bool, bool]:

@@ -227,8 +227,9 @@ class Trainer:
         try:
             n = batching.batch_size(batch)
             self.plan.check_batch(n)
-            parts = batching.split(batch, self._sizes(n))
-            counts = self._count(parts)
+            sizes = self._sizes(n)
+            parts = batching.split(batch, sizes)
+            counts = self._count(parts, sizes)
             self._check_collective_shape(counts)
         except (ValueError, TypeError) as e:
             if not self.topology.distributed:
@@ -257,9 +258,9 @@ class Trainer:
             raise ValueError("a micro-batch has no items (count_fn returned 0): with collectives inside the "
                              "model's forward every micro-batch must run on every rank; balance the batch")
 
-    def _count(self, parts: list[Any]) -> list[float]:
+    def _count(self, parts: list[Any], sizes: list[int]) -> list[float]:
         if self.count_fn is None:
-            return [float(batching.batch_size(p)) for p in parts]
+            return [float(s) for s in sizes]
         counts = []
         for i, p in enumerate(parts):
             value = _to_number(self.count_fn(p), f"count_fn(micro_batch {i})")
@@ -282,7 +283,8 @@ class Trainer:
         others at that pre-forward point, not inside a collective of the model's.
         """
         topo = self.topology
-        self._zero_grad()
+        for p in self._params:      # gradients left by a backward outside the trainer must not add in
+            p.grad = None
         if self.buffer is not None:
             self.buffer.begin_step()
         live = [i for i, c in enumerate(counts) if c > 0]
@@ -300,7 +302,9 @@ class Trainer:
                     if lockstep.stopped is not None:        # another rank failed: it met us before our forward
                         return _Attempt(loss_sum, failure, lockstep.stopped)
                     if loss is not None:
-                        loss_sum = loss * share if loss_sum is None else loss_sum + loss * share
+                        if loss_sum is None:
+                            loss_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
+                        loss_sum.add_(loss, alpha=share)   # one op; float64 whatever the loss's dtype
                     # A scalar loss can own a large storage (CPU mse_loss reduces in place in its
                     # elementwise buffer): it must not live into the next micro-batch.
                     del loss

@@ -36,6 +36,8 @@ class Updater:
         swapped = []
         try:
             for p, g in pairs:
+                if p.grad is g:
+                    continue                     # autograd's own gradient, already in place
                 if g.dtype == p.dtype:
                     p.grad = g
                 elif self.master_weights:

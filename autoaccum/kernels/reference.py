@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -43,22 +44,24 @@ def norm_and_flag(grads: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, t
     ``RESCUE_BELOW``: squares near fp32's smallest normal lose digits) is read again in float64;
     a real inf/nan stays inf/nan. Relative error against a float64 reference: 4e-8 at 10M and
     7e-7 at 100M elements (``clip_grad_norm_``: 2e-7 and 6e-6; benchmarks/bench_reference.py).
-    The rescue check reads one number on the host; on the CPU that costs nothing.
+    On the CPU the per-tensor norms are combined in Python floats (every op is synchronous there,
+    and a dozen tiny tensor ops would cost more than a small model's norms); elsewhere on the
+    device, with one host read for the rescue check.
     """
     device = grads[0].device
+    if device.type == "cpu":
+        norm = host_norm(grads, inv_scale)
+        found = not math.isfinite(norm)
+        return (torch.tensor(math.inf if found else norm, dtype=torch.float64),
+                torch.tensor(1.0 if found else 0.0, dtype=torch.float32))
     norms, ordered = [], []
-    for (dev, dtype), gs in _by_dtype(grads).items():
-        large = [g for g in gs if dtype == torch.float32 and g.numel() >= DOT_FROM and g.is_contiguous()]
-        if large:   # BLAS's dot keeps several partial sums: 10x less rounding than one running sum, as fast
+    for dtype, large, rest in _norm_groups(grads):
+        if large:
             squares = torch.stack([torch.dot(v, v) for v in (g.view(-1) for g in large)])
             norms.append(squares.to(device=device, dtype=torch.float64).sqrt())
-            ordered += large
-            chosen = {id(g) for g in large}
-            gs = [g for g in gs if id(g) not in chosen]
-        if gs:
-            wide = torch.float64 if dtype == torch.float64 else torch.float32
-            norms.append(torch.stack(torch._foreach_norm(gs, 2, dtype=wide)).to(device=device, dtype=torch.float64))
-            ordered += gs
+        if rest:
+            norms.append(torch.stack(_foreach_norm(rest, dtype)).to(device=device, dtype=torch.float64))
+        ordered += large + rest
     per_tensor = torch.cat(norms)
     suspect = ~torch.isfinite(per_tensor) | (per_tensor < RESCUE_BELOW)
     if bool(suspect.any()):
@@ -67,6 +70,38 @@ def norm_and_flag(grads: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, t
     norm = torch.linalg.vector_norm(per_tensor) * _as_tensor(inv_scale, device, torch.float64)
     found_inf = (~torch.isfinite(norm)).to(torch.float32)
     return torch.where(found_inf > 0, float("inf"), norm), found_inf
+
+
+def host_norm(grads: list[torch.Tensor], inv_scale) -> float:
+    """``norm_and_flag``'s norm as a Python float (inf or nan when a value is non-finite), for CPU tensors."""
+    values: list[float] = []
+    ordered: list[torch.Tensor] = []
+    for dtype, large, rest in _norm_groups(grads):
+        if large:
+            squares = torch.stack([torch.dot(v, v) for v in (g.view(-1) for g in large)]).tolist()
+            values += [math.sqrt(x) if x >= 0 else x for x in squares]   # nan stays nan
+        if rest:
+            values += torch.stack(_foreach_norm(rest, dtype)).tolist()
+        ordered += large + rest
+    for i, v in enumerate(values):
+        if not math.isfinite(v) or v < RESCUE_BELOW:
+            values[i] = torch.linalg.vector_norm(ordered[i], dtype=torch.float64).item()
+    return math.sqrt(math.fsum(v * v for v in values)) * _as_float(inv_scale)
+
+
+def _norm_groups(grads: list[torch.Tensor]):
+    """Per dtype: (dtype, fp32 tensors large enough for BLAS's dot, the rest). BLAS keeps several
+    partial sums: 10x less rounding than one running sum, as fast."""
+    for (_, dtype), gs in _by_dtype(grads).items():
+        large = [g for g in gs if g.numel() >= DOT_FROM and g.is_contiguous()] if dtype == torch.float32 else []
+        if large:
+            chosen = {id(g) for g in large}
+            gs = [g for g in gs if id(g) not in chosen]
+        yield dtype, large, gs
+
+
+def _foreach_norm(gs: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    return torch._foreach_norm(gs, 2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def clip_scale(norm: torch.Tensor, inv_scale, max_norm: float | None) -> torch.Tensor:
@@ -79,12 +114,22 @@ def clip_scale(norm: torch.Tensor, inv_scale, max_norm: float | None) -> torch.T
 
 def finalize_(grads: list[torch.Tensor], inv_scale, max_norm: float | None, apply: bool
               ) -> tuple[torch.Tensor, torch.Tensor]:
+    if grads[0].device.type == "cpu":       # in Python floats: the factor is a number, no tensor ops make it
+        norm = host_norm(grads, inv_scale)
+        found = not math.isfinite(norm)
+        if apply and not found:
+            inv = _as_float(inv_scale)
+            scale = inv if max_norm is None else inv * min(1.0, max_norm / (norm + CLIP_EPS))
+            if scale != 1.0:                  # nothing clipped or unscaled: no write
+                for gs in _by_dtype(grads).values():
+                    torch._foreach_mul_(gs, scale)
+        return (torch.tensor(math.inf if found else norm, dtype=torch.float32),
+                torch.tensor(1.0 if found else 0.0, dtype=torch.float32))
     norm, found_inf = norm_and_flag(grads, inv_scale)
     if apply:
         scale = torch.where(found_inf > 0, 1.0, clip_scale(norm, inv_scale, max_norm))
-        if grads[0].device.type != "cpu" or float(scale) != 1.0:   # nothing clipped or unscaled: no write
-            for (device, dtype), gs in _by_dtype(grads).items():
-                torch._foreach_mul_(gs, scale.to(device=device, dtype=dtype))
+        for (device, dtype), gs in _by_dtype(grads).items():
+            torch._foreach_mul_(gs, scale.to(device=device, dtype=dtype))
     return norm.to(torch.float32), found_inf
 
 
@@ -93,6 +138,10 @@ def _by_dtype(grads: list[torch.Tensor]) -> dict:
     for g in grads:
         groups[(g.device, g.dtype)].append(g)
     return groups
+
+
+def _as_float(x) -> float:
+    return float(x.item() if isinstance(x, torch.Tensor) else x)
 
 
 def _as_tensor(x, device, dtype) -> torch.Tensor:
