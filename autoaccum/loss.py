@@ -25,10 +25,13 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 def compute_loss(model: nn.Module, part: Any, loss_fn: LossFn | None, device: torch.device,
-                 amp_dtype: torch.dtype | None, index: int = 0) -> torch.Tensor:
-    """The checked scalar mean loss of micro-batch ``index`` (``part`` already on ``device``)."""
-    with autocast(device, amp_dtype):
+                 amp_dtype: torch.dtype | None, index: int = 0, *, context=None) -> torch.Tensor:
+    """The checked scalar mean loss of micro-batch ``index`` (``part`` already on ``device``).
+    ``context``: ``autocast(device, amp_dtype)`` made once by a caller that runs many micro-batches."""
+    with context if context is not None else autocast(device, amp_dtype):
         out = loss_fn(model, part) if loss_fn is not None else model_loss(model, part)
+    if type(out) is torch.Tensor and out.dim() == 0 and out.requires_grad and out.is_floating_point():
+        return out                 # the common case, checked in one line
     return check_loss(out, index, loss_fn is None)
 
 
@@ -66,3 +69,35 @@ def check_loss(loss: Any, index: int, from_model: bool) -> torch.Tensor:
                          f"it was computed under torch.no_grad(), detached, or from frozen parameters only; "
                          f"compute it from the model's output with autograd enabled")
     return loss if loss.dim() == 0 else loss.reshape(())   # no extra graph node for a 0-dim loss
+
+
+class WeightedLoss:
+    """The step's loss ``sum(share_i * loss_i)`` in few ops: detached losses are kept and summed at
+    the end (one multi-tensor multiply, one float64 sum), instead of two ops per micro-batch. A
+    loss that owns a large storage (CPU ``mse_loss`` reduces in place in its elementwise buffer)
+    is folded in at once, so that memory does not live into the next micro-batch."""
+
+    KEEP_BYTES = 64
+
+    def __init__(self):
+        self.losses: list[torch.Tensor] = []
+        self.shares: list[float] = []
+        self.folded: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor, share: float) -> None:
+        if loss.untyped_storage().nbytes() <= self.KEEP_BYTES:
+            self.losses.append(loss)
+            self.shares.append(share)
+            return
+        if self.folded is None:
+            self.folded = torch.zeros((), dtype=torch.float64, device=loss.device)
+        self.folded.add_(loss, alpha=share)
+
+    def total(self, device: torch.device) -> torch.Tensor:
+        """The weighted sum as a 0-dim float64 tensor (0 when nothing was added)."""
+        total = self.folded
+        if self.losses:
+            kept = torch.stack(torch._foreach_mul(self.losses, self.shares)).sum(dtype=torch.float64)
+            total = kept if total is None else total + kept
+        return total if total is not None else torch.zeros((), dtype=torch.float64, device=device)
+

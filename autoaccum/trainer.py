@@ -38,7 +38,7 @@ from . import rng
 from .batchnorm import RunningStats
 from .buffer import GradBuffer
 from .distributed import Agreement, PeerFailure, PeerStopped, PreForward, Topology
-from .loss import LossFn, compute_loss
+from .loss import LossFn, WeightedLoss, autocast, compute_loss
 from .memory import NotEnoughMemoryError, release_memory
 from .plan import Plan, check_positive_int
 from .plan import plan as make_plan
@@ -70,7 +70,7 @@ class StepStats:
 
 @dataclass
 class _Attempt:
-    loss_sum: torch.Tensor | None
+    loss_sum: WeightedLoss | None
     failure: Failure | None
     agreement: Agreement
 
@@ -289,7 +289,10 @@ class Trainer:
             self.buffer.begin_step()
         live = [i for i, c in enumerate(counts) if c > 0]
         self._running_stats.begin(len(live))
-        loss_sum, failure, in_flight = None, None, False
+        loss_sum, failure, in_flight = WeightedLoss(), None, False
+        context = autocast(self.device, self.amp_dtype)      # reusable: entered once per micro-batch
+        factor = topo.loss_factor
+        agree_each = topo.lockstep
         buffer = self.buffer.capturing() if self.buffer is not None else contextlib.nullcontext()
         with buffer, self._lockstep.armed() as lockstep:
             for i in live:
@@ -298,13 +301,11 @@ class Trainer:
                 part, failure = (parts[i], None) if on_device else self._inputs(parts[i], i)
                 if failure is None:
                     share = counts[i] / total
-                    loss, failure = self._forward_backward(part, i, last, share)
+                    loss, failure = self._forward_backward(part, i, last, share * factor, context)
                     if lockstep.stopped is not None:        # another rank failed: it met us before our forward
                         return _Attempt(loss_sum, failure, lockstep.stopped)
                     if loss is not None:
-                        if loss_sum is None:
-                            loss_sum = torch.zeros((), dtype=torch.float64, device=loss.device)
-                        loss_sum.add_(loss, alpha=share)   # one op; float64 whatever the loss's dtype
+                        loss_sum.add(loss, share)
                     # A scalar loss can own a large storage (CPU mse_loss reduces in place in its
                     # elementwise buffer): it must not live into the next micro-batch.
                     del loss
@@ -312,7 +313,7 @@ class Trainer:
                 if failure is not None:
                     in_flight = topo.collective_in_flight(last, lockstep.forwards > 0)
                     break
-                if topo.lockstep and not (last and topo.sync == "overlap"):
+                if agree_each and not (last and topo.sync == "overlap"):
                     agreement = self._agree(None, final=last)
                     if agreement.failed or last:
                         return _Attempt(loss_sum, None, agreement)
@@ -325,14 +326,14 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - classified: OOM is recovered, anything else re-raised
             return None, classify(e, index, batching.batch_size(part))
 
-    def _forward_backward(self, part: Any, index: int, last: bool,
-                          share: float) -> tuple[torch.Tensor | None, Failure | None]:
-        """One micro-batch, weighted by its share of the batch's items: (its detached loss, failure)."""
-        topo = self.topology
+    def _forward_backward(self, part: Any, index: int, last: bool, weight: float,
+                          context) -> tuple[torch.Tensor | None, Failure | None]:
+        """One micro-batch, its loss weighted by ``weight`` (its share of the batch's items, times
+        the topology's loss factor) under ``context`` (autocast): (its detached loss, failure)."""
         try:
-            with topo.micro_batch(last):
-                loss = compute_loss(self.model, part, self.loss_fn, self.device, self.amp_dtype, index)
-                weight = share * topo.loss_factor
+            with self.topology.micro_batch(last):
+                loss = compute_loss(self.model, part, self.loss_fn, self.device, self.amp_dtype, index,
+                                    context=context)
                 if self.buffer is not None:
                     self.buffer.weight = weight        # the accumulate kernel applies it, in fp32
                     self._backward(loss)
@@ -443,14 +444,12 @@ class Trainer:
                 p.grad = (flat[offset:offset + n] / self.topology.world_size).view_as(p).to(p.dtype)
             offset += n
 
-    def _update(self, loss_sum: torch.Tensor | None) -> StepStats:
+    def _update(self, loss_sum: WeightedLoss) -> StepStats:
         """Finalize (norm, inf/nan, unscale, clip), then step - or skip; then free the gradients."""
         topo = self.topology
         pairs = self._gradients()
         inv_scale = self.scaler.inv_scale() if self.scaler is not None else 1.0
-        if loss_sum is None:
-            loss_sum = torch.zeros((), device=self.device)
-        loss_t = topo.sum_(loss_sum.detach().double().reshape(1))
+        loss_t = topo.sum_(loss_sum.total(self.device).reshape(1))
         norm, found_inf, grad_scale = finalize([g for _, g in pairs], inv_scale, self.max_grad_norm,
                                                self.optimizer, sharded=topo.shards_gradients, sum_=topo.sum_,
                                                backend=self.backend)
