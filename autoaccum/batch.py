@@ -168,6 +168,10 @@ def _walk(batch: Any, path: str, visit: Callable[[_Leaf, str], None]) -> None:
         if batch.ndim == 0:
             raise TypeError(f"{path} is a 0-dim {type(batch).__name__}, which has no dim 0 to split "
                             f"between samples; give it one row per sample or move it out of the batch")
+        if isinstance(batch, np.ndarray) and batch.dtype.kind not in "biufc":
+            raise TypeError(f"{path} is a numpy array of {batch.dtype} ({batch.dtype.kind!r} kind), which torch "
+                            f"cannot hold; tokenize or encode it into numbers first, or pass it through "
+                            f"loss_fn instead of the batch")
         visit(batch, path)
         return
     if isinstance(batch, Mapping):

@@ -155,9 +155,10 @@ def run(steps: int = 30, target_batch: int = 256, micro_batch: int | None = None
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     print(f"autoaccum demo on {dev}: TinyGPT ({sum(p.numel() for p in model.parameters()):,} parameters), "
           f"synthetic padded sentences")
-    trainer = fit(model, target_batch, opt, loss_fn=lm_loss, count_fn=count_tokens, micro_batch=micro_batch,
-                  scheduler=sched, max_grad_norm=1.0, device=dev, sample=make_batch(16, seed=seed),
-                  memory_budget=memory_budget, probe_cache=False)
+    sizing = (dict(sample=make_batch(16, seed=seed), memory_budget=memory_budget) if micro_batch is None
+              else dict(micro_batch=micro_batch))     # probe, or take the micro-batch as given
+    trainer = fit(model, target_batch, opt, loss_fn=lm_loss, count_fn=count_tokens, scheduler=sched,
+                  max_grad_norm=1.0, device=dev, probe_cache=False, **sizing)
     probed = trainer.probe_result
     if probed is not None:
         from .memory import format_bytes

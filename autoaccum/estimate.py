@@ -33,10 +33,9 @@ from torch import nn
 from . import batch as batching
 from . import rng
 from .buffer import GradBuffer
-from .checks import check_step_arguments
+from .checks import check_positive_int, check_step_arguments, parse_bytes
 from .loss import LossFn
-from .memory import format_bytes, parse_bytes
-from .plan import check_positive_int
+from .memory import format_bytes
 from .probe import plot_memory
 from .search import DEFAULT_MAX_MICRO_BATCH, MemoryModel, Trial, search
 from .tracker import ROUND_CUDA, LiveBytes
@@ -100,7 +99,8 @@ def estimate(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn |
     ``"cpu"`` sizes a device where the data already lives and none of that applies (both default 0).
     """
     started = time.perf_counter()
-    amp, accum = check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights)
+    amp, accum = check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights,
+                                      allow_meta=True)
     cap = DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch
     check_positive_int("max_micro_batch", cap)
     check_positive_int("max_runs", max_runs)

@@ -5,8 +5,6 @@ the model's parameters and the optimizer's state exactly as they were.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -15,9 +13,9 @@ from torch import nn
 
 from . import batch as batching
 from .batchnorm import MODES as BATCHNORM_MODES
-from .checks import check_amp_dtype, check_callable, check_master_weights
+from .checks import (check_amp_dtype, check_bool, check_callable, check_choice, check_device, check_int,
+                     check_master_weights, check_model, check_positive_real, check_runnable, parse_bytes)
 from .distributed import SYNC_MODES, PeerFailure, Topology
-from .memory import parse_bytes
 from .plan import Plan
 from .plan import plan as make_plan
 from .probe import ProbeResult, probe
@@ -56,11 +54,17 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer | 
     micro-batch's backward. ``oom_retry``: on out-of-memory, re-run the batch with a smaller
     micro-batch; ``regrow_after``: after that many clean steps, try a larger one again.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    check_model(model)
     params = [p for p in model.parameters()]
     if not any(p.requires_grad for p in params):
         raise ValueError("model has no parameter that requires grad, so there is nothing to train")
+    check_int("target_batch", target_batch, "the effective batch size of one optimizer step")
+    if micro_batch is not None:
+        check_int("micro_batch", micro_batch, "the largest micro-batch to run; None: probe it")
+        for name, value in (("memory_budget", memory_budget), ("sample", sample)):
+            if value is not None:
+                raise ValueError(f"{name} is used to probe the micro-batch, but micro_batch={micro_batch} was given, "
+                                 f"so nothing is probed; pass one or the other")
     default_optimizer = optimizer is None
     if optimizer is not None:
         _check_optimizer(optimizer, params)
@@ -70,35 +74,24 @@ def fit(model: nn.Module, target_batch: int, optimizer: torch.optim.Optimizer | 
     _check_scheduler(scheduler, optimizer)
     check_callable("loss_fn", loss_fn, "loss_fn(model, micro_batch) -> scalar mean loss")
     check_callable("count_fn", count_fn, "count_fn(micro_batch) -> number of items")
-    if max_grad_norm is not None:
-        if (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real)
-                or not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
-            raise ValueError(f"max_grad_norm must be a positive finite number or None; got {max_grad_norm!r}")
-        max_grad_norm = float(max_grad_norm)
+    max_grad_norm = check_positive_real("max_grad_norm", max_grad_norm, "the clipping threshold", allow_none=True)
     amp = check_amp_dtype(amp_dtype)
-    if batchnorm is not None and batchnorm not in BATCHNORM_MODES:
-        raise ValueError(f"batchnorm must be one of {', '.join(map(repr, BATCHNORM_MODES))} or None; "
-                         f"got {batchnorm!r}")
+    check_choice("batchnorm", batchnorm, BATCHNORM_MODES, allow_none=True)
     dev = _device(device, params)
-    if sync not in SYNC_MODES:
-        raise ValueError(f"sync must be one of {', '.join(map(repr, SYNC_MODES))}; got {sync!r}")
-    if not isinstance(oom_retry, bool):
-        raise TypeError(f"oom_retry must be True or False; got {oom_retry!r}")
-    if regrow_after is not None and (isinstance(regrow_after, bool) or not isinstance(regrow_after, int)
-                                     or regrow_after < 1):
-        raise ValueError(f"regrow_after must be a positive int (clean steps before trying a larger "
-                         f"micro-batch) or None; got {regrow_after!r}")
+    check_choice("sync", sync, SYNC_MODES)
+    check_bool("oom_retry", oom_retry, "re-run a batch with a smaller micro-batch after out-of-memory")
+    if regrow_after is not None:
+        check_int("regrow_after", regrow_after, "clean steps before trying a larger micro-batch again; or None")
+    check_bool("probe_cache", probe_cache, "reuse an earlier probe's answer")
+    if memory_budget is not None:
+        parse_bytes(memory_budget)          # a bad budget fails here, not at the first step
     topology = Topology(model, sync)
     accum = topology.buffer_dtype(accum_dtype, params)
     check_master_weights(master_weights, accum)
 
-    if memory_budget is not None:
-        parse_bytes(memory_budget)          # a bad budget fails here, not at the first step
-    if not isinstance(probe_cache, bool):
-        raise TypeError(f"probe_cache must be True or False; got {probe_cache!r}")
-
     world_size = topology.world_size
-    the_plan = make_plan(target_batch, micro_batch if micro_batch is not None else 1, world_size)
+    the_plan = make_plan(target_batch, micro_batch if micro_batch is not None else max(1, target_batch // world_size),
+                         world_size)
     if micro_batch is not None:
         sizer = None
     elif topology.shards_gradients:
@@ -195,12 +188,11 @@ def _check_scheduler(scheduler: Any, optimizer: Any) -> None:
 
 def _device(device: Any, params: list[torch.Tensor]) -> torch.device:
     if device is not None:
-        try:
-            return torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device must be a torch.device or a string like 'cuda:0'; got {device!r}") from e
+        return check_device("device", device)
     devices = {p.device for p in params}
     if len(devices) > 1:
         raise ValueError(f"the model's parameters are on several devices ({sorted(map(str, devices))}); "
                          f"pass device= to say where micro-batches go")
-    return devices.pop()
+    dev = devices.pop()
+    check_runnable("the model's device", dev)
+    return dev

@@ -7,41 +7,17 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import sys
 import traceback
 from dataclasses import dataclass, field
 
 import torch
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
 CPU_BUDGET_FRACTION = 0.5   # default usable share of available RAM when the device is the CPU
 
 
 class NotEnoughMemoryError(RuntimeError):
     """Even a micro-batch of one sample does not fit; says how much was needed and available."""
-
-
-def parse_bytes(value, name: str = "memory_budget", *, allow_zero: bool = False) -> int:
-    """``"2GiB"``, ``"512 MB"``, ``1e9`` or ``2**30`` -> bytes (binary units for *iB, decimal otherwise)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number of bytes or a string like '2GiB'; got {value!r}")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"{name}={value!r} is not a size; write bytes or a string like '2GiB', "
-                             f"'512MiB', '80GB'")
-        number, unit = float(m.group(1)), m.group(2).lower()
-    else:
-        raise TypeError(f"{name} must be a number of bytes or a string like '2GiB'; got {type(value).__name__}")
-    size = int(number * _UNITS[unit])
-    if size < 0 or (size == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}; got {value!r}")
-    return size
 
 
 def format_bytes(n: float) -> str:

@@ -4,9 +4,9 @@ Nothing here touches torch, so the plan can be computed (and tested) anywhere.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
+
+from .checks import MAX_ACCUM_STEPS, check_int, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,10 @@ def balanced_split(n: int, limit: int) -> list[int]:
     """Split ``n`` samples into the fewest parts of at most ``limit``, sizes differing by at most 1."""
     check_positive_int("n", n, "the number of samples to split")
     check_positive_int("limit", limit, "the largest micro-batch")
-    parts = math.ceil(n / limit)
+    parts = -(-n // limit)          # integer arithmetic: exact for any size (a float division is not)
+    if parts > MAX_ACCUM_STEPS:
+        raise ValueError(f"{n} samples in micro-batches of at most {limit} would take {parts:,} micro-batches "
+                         f"per step; at most {MAX_ACCUM_STEPS:,} are supported: raise the micro-batch")
     base, extra = divmod(n, parts)
     return [base + 1] * extra + [base] * (parts - extra)
 
@@ -80,9 +83,9 @@ def plan(target_batch: int, micro_batch: int, world_size: int = 1) -> Plan:
     A ``micro_batch`` larger than the per-rank batch is clamped to it (recorded in ``notes``):
     a limit above what a step needs is not an error, e.g. when the probe finds room for more.
     """
-    check_positive_int("target_batch", target_batch, "the effective batch size of one optimizer step")
-    check_positive_int("micro_batch", micro_batch, "the largest micro-batch that fits in memory")
-    check_positive_int("world_size", world_size, "the number of data-parallel ranks")
+    check_int("target_batch", target_batch, "the effective batch size of one optimizer step")
+    check_int("micro_batch", micro_batch, "the largest micro-batch that fits in memory")
+    check_int("world_size", world_size, "the number of data-parallel ranks", maximum=1 << 20)
     if target_batch % world_size:
         lower = target_batch - target_batch % world_size
         upper = lower + world_size
@@ -96,18 +99,13 @@ def plan(target_batch: int, micro_batch: int, world_size: int = 1) -> Plan:
         notes = (f"micro_batch={micro_batch} exceeds the per-rank batch {per_rank}; "
                  f"clamped to {per_rank}",)
         micro_batch = per_rank
+    steps = -(-per_rank // micro_batch)
+    if steps > MAX_ACCUM_STEPS:
+        raise ValueError(f"target_batch={target_batch} in micro-batches of micro_batch={micro_batch} takes {steps:,} "
+                         f"micro-batches per step; at most {MAX_ACCUM_STEPS:,} are supported: raise micro_batch")
     sizes = balanced_split(per_rank, micro_batch)
     return Plan(target_batch=target_batch, micro_batch=micro_batch, world_size=world_size,
                 accum_steps=len(sizes), micro_batches=sizes, notes=notes)
-
-
-def check_positive_int(name: str, value, meaning: str = "") -> None:
-    """TypeError for non-ints (bools included), ValueError for ints <= 0; the message names ``name``."""
-    what = f" ({meaning})" if meaning else ""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int{what}; got {value!r} of type {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int{what}; got {value}")
 
 
 def _compact(sizes: list[int]) -> str:

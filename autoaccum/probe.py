@@ -17,10 +17,10 @@ from torch import nn
 
 from . import cache as probe_cache
 from .buffer import GradBuffer
-from .checks import check_step_arguments
+from .checks import check_bool, check_device, check_int, check_runnable, check_step_arguments, parse_bytes
 from .loss import LossFn
-from .memory import CPU_BUDGET_FRACTION, NotEnoughMemoryError, format_bytes, parse_bytes, read_device, release_memory
-from .plan import check_positive_int
+from .memory import CPU_BUDGET_FRACTION, NotEnoughMemoryError, format_bytes, read_device, release_memory
+from .checks import check_positive_int
 from .search import (DEFAULT_MAX_MICRO_BATCH, DEFAULT_MAX_TRIALS, MemoryModel, Trial, confirms, default_headroom,
                      search)
 from .trial import CudaMeter, StateGuard, TrackerMeter, TrialRunner, persistent_tensors, sample_factory
@@ -147,8 +147,8 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
     cap = DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch
     check_positive_int("max_micro_batch", cap)
     check_positive_int("max_trials", max_trials)
-    if not isinstance(cache, bool):
-        raise TypeError(f"cache must be True or False; got {cache!r}")
+    check_int("world_size", world_size, "the number of data-parallel ranks the answer is for", maximum=1 << 20)
+    check_bool("cache", cache, "reuse and record probe answers")
     dev = _probe_device(model, device)
     make_batch, sample_desc = sample_factory(sample)
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
@@ -271,8 +271,10 @@ def _probe_device(model: nn.Module, device) -> torch.device:
         if len(devices) != 1:
             raise ValueError(f"the model's parameters are on {sorted(map(str, devices)) or 'no device'}; "
                              f"pass device=")
-        return devices.pop()
-    dev = torch.device(device)
+        dev = devices.pop()
+        check_runnable("the model's device", dev)
+        return dev
+    dev = check_device("device", device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if devices and all(d != dev for d in devices):

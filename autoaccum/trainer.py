@@ -40,7 +40,8 @@ from .buffer import GradBuffer
 from .distributed import Agreement, PeerFailure, PeerStopped, PreForward, Topology
 from .loss import LossFn, WeightedLoss, autocast, compute_loss
 from .memory import NotEnoughMemoryError, release_memory
-from .plan import Plan, check_positive_int
+from .checks import check_bool, check_count, check_int
+from .plan import Plan
 from .plan import plan as make_plan
 from .progress import Progress
 from .recovery import Failure, Regrow, classify, not_enough_memory_message, smaller_micro_batch
@@ -263,11 +264,7 @@ class Trainer:
             return [float(s) for s in sizes]
         counts = []
         for i, p in enumerate(parts):
-            value = _to_number(self.count_fn(p), f"count_fn(micro_batch {i})")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"count_fn returned {value} for micro-batch {i}; it must return the "
-                                 f"number of items (e.g. non-padding tokens) in the micro-batch, >= 0")
-            counts.append(value)
+            counts.append(check_count(self.count_fn(p), f"count_fn(micro_batch {i})"))
         return counts
 
     def _attempt(self, parts: list[Any], counts: list[float], total: float, on_device: bool) -> _Attempt:
@@ -407,7 +404,7 @@ class Trainer:
 
     def set_micro_batch(self, micro_batch: int) -> Plan:
         """Re-plan with a new micro-batch limit; the effective batch (``target_batch``) is unchanged."""
-        check_positive_int("micro_batch", micro_batch, "the largest micro-batch to run")
+        check_int("micro_batch", micro_batch, "the largest micro-batch to run")
         if self.plan is None:           # chosen by hand before the first batch: nothing left to probe
             self._adopt(make_plan(self._sizer.pending.target_batch, micro_batch, self._sizer.pending.world_size))
             return self.plan
@@ -546,10 +543,13 @@ class Trainer:
         Shows a progress bar (loss, micro-batch, accumulation steps, samples/s) on stderr (on rank 0
         only when distributed) and returns every step's :class:`StepStats`.
         """
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be a positive int; got {epochs!r}")
-        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-            raise ValueError(f"max_steps must be a positive int or None; got {max_steps!r}")
+        if isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
+            raise TypeError(f"loader must be an iterable of batches (a DataLoader, a list of batches); "
+                            f"got {type(loader).__name__}")
+        check_int("epochs", epochs, "passes over loader")
+        if max_steps is not None:
+            check_int("max_steps", max_steps, "optimizer steps to run at most; or None")
+        check_bool("progress", progress, "show a progress bar")
         try:
             per_epoch = len(loader)  # type: ignore[arg-type]
         except TypeError:
@@ -584,21 +584,6 @@ def _describe_optimizer(trainer: Trainer) -> str:
     group = opt.param_groups[0] if opt.param_groups else {}
     shown = ", ".join(f"{k}={group[k]}" for k in ("lr", "weight_decay", "fused") if group.get(k) is not None)
     return f"{type(opt).__name__}({shown}{', default' if trainer.default_optimizer else ''})"
-
-
-def _to_number(value: Any, what: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{what} returned a tensor of shape {tuple(value.shape)}; it must return "
-                             f"one number: the items in the micro-batch")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"{what} returned {type(value).__name__}; it must return the number of items "
-                            f"(an int or a one-element tensor)") from None
-    return float(value)
 
 
 def _as_number(x: float) -> int | float:

@@ -40,7 +40,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import autoaccum  # noqa: E402
 from autoaccum.demo import TinyGPT, count_tokens, lm_loss, make_batch  # noqa: E402
-from autoaccum.memory import parse_bytes, read_device  # noqa: E402
+from autoaccum.checks import parse_bytes  # noqa: E402
+from autoaccum.memory import read_device  # noqa: E402
 from ruler import Setup, fits, true_maximum  # noqa: E402
 from strategies import backoff, doubling_then_bisect  # noqa: E402
 

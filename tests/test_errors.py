@@ -99,7 +99,7 @@ def count_calls_returning(values):
     ((x, y), dict(loss_fn=lambda m, b: 1.0), TypeError, "returned float"),
     ((x, y), dict(loss_fn=lambda m, b: torch.tensor(1, requires_grad=False)), TypeError, "floating point"),
     ((x, y), dict(count_fn=lambda mb: 0), ValueError, "0 items for every micro-batch"),
-    ((x, y), dict(count_fn=count_calls_returning([3, 4, -1, 5, 5])), ValueError, "count_fn returned -1.0"),
+    ((x, y), dict(count_fn=count_calls_returning([3, 4, -1, 5, 5])), ValueError, r"count_fn\(micro_batch 2\) returned -1.0"),
     ((x, y), dict(count_fn=lambda mb: torch.ones(2)), ValueError, "one number"),
     ((x, y), dict(count_fn=lambda mb: "many"), TypeError, "count_fn"),
 ])

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from autoaccum.checks import parse_bytes
 from autoaccum.memory import (format_bytes, is_cpu_out_of_memory, is_cuda_out_of_memory, is_cudnn_alloc_failure,
-                              is_oom_error, parse_bytes, read_device)
+                              is_oom_error, read_device)
 from autoaccum.tracker import LiveBytes
 from autoaccum.memory import CPU_BUDGET_FRACTION
 

@@ -170,7 +170,7 @@ def test_not_enough_memory_says_how_much():
     (dict(memory_budget="lots"), ValueError, "memory_budget"),
     (dict(max_micro_batch=0), ValueError, "max_micro_batch"),
     (dict(amp_dtype=torch.int8), ValueError, "amp_dtype"),
-    (dict(device="meta"), ValueError, "move the model there first"),
+    (dict(device="meta"), ValueError, "meta device, which holds no data"),
     (dict(cache="yes"), TypeError, "cache must be True or False"),
     (dict(sample=lambda n: regression_batch(n + 1)), ValueError, r"sample\(2\) returned a batch of 3"),
 ])
