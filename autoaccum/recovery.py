@@ -106,6 +106,13 @@ class Regrow:
         self.last_good = plan.micro_batch
         return grown
 
+    def state_dict(self) -> dict:
+        return {"after": self.after, "wait": self.wait, "clean": self.clean, "last_good": self.last_good}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.after, self.wait, self.clean, self.last_good = (state["after"], state["wait"], state["clean"],
+                                                             state["last_good"])
+
     def out_of_memory(self) -> None:
         if self.after is None:
             return

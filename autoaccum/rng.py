@@ -31,3 +31,23 @@ def restore(state: RngState) -> None:
         torch.cuda.set_rng_state_all(state.torch_cuda)
     np.random.set_state(state.numpy)
     random.setstate(state.python)
+
+
+def to_dict(state: RngState) -> dict:
+    """A checkpoint-friendly form (``torch.save`` keeps the tensors, numpy's and Python's tuples)."""
+    return {"torch_cpu": state.torch_cpu, "torch_cuda": state.torch_cuda, "numpy": state.numpy,
+            "python": state.python}
+
+
+def from_dict(d: dict) -> RngState:
+    """The inverse of :func:`to_dict`, checked before anything is restored."""
+    if not isinstance(d, dict) or set(d) != {"torch_cpu", "torch_cuda", "numpy", "python"}:
+        raise ValueError("the checkpoint's 'rng' entry is not one Trainer.state_dict() wrote")
+    cuda = d["torch_cuda"]
+    if cuda is not None:
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if len(cuda) != have:
+            raise ValueError(f"the checkpoint holds random streams for {len(cuda)} CUDA device(s) but this process "
+                             f"sees {have}; resume on the same devices, or save with state_dict(rng=False)")
+    return RngState(d["torch_cpu"], cuda, d["numpy"], d["python"])
+

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import batch as batching
-from . import rng
+from . import rng as random_streams
 from .batchnorm import RunningStats
 from .buffer import GradBuffer
 from .distributed import Agreement, PeerFailure, PeerStopped, PreForward, Topology
@@ -46,7 +46,7 @@ from .plan import plan as make_plan
 from .progress import Progress
 from .recovery import Failure, Regrow, classify, not_enough_memory_message, smaller_micro_batch
 from .scaler import LossScaler
-from .update import Updater, finalize
+from .update import OptimizerWrites, Updater, finalize
 
 CountFn = Callable[[Any], Any]
 log = logging.getLogger("autoaccum")
@@ -122,6 +122,7 @@ class Trainer:
         self.updater = Updater(master_weights)
         self._lockstep = PreForward(model, (lambda: self._agree(None, final=False)) if self.topology.lockstep else None)
         self.closed = False
+        self._committed = False   # within step(): the optimizer has written, so the step must complete
 
     # ------------------------------------------------------------------ one optimizer step
     def step(self, batch: Any) -> StepStats:
@@ -146,9 +147,11 @@ class Trainer:
         except BaseException:
             self.plan = plan                            # a rejected batch leaves the plan as it found it
             raise
-        streams = rng.capture()
+        streams = random_streams.capture()
+        regrow = self._regrow.state_dict()
         on_device = batching.on_device(batch, self.device)   # then no micro-batch needs moving
         retries = 0
+        self._committed = False                         # set once the optimizer has written
         try:
             self.topology.sync_module_buffers()         # DDP's buffer broadcast, at a point every rank reaches
             while True:
@@ -157,20 +160,21 @@ class Trainer:
                     break
                 retries += 1
                 self._recover(attempt, events)          # raises unless this was a recoverable OOM
-                rng.restore(streams)                    # the retry sees the stream a first attempt would
+                random_streams.restore(streams)                    # the retry sees the stream a first attempt would
                 _, parts, counts, _ = self._prepare(batch)   # the new split's counts; the total is the same
+            self._running_stats.end()
+            if self.topology.syncs_buffer:
+                self._sync_buffer(attempt.agreement)
+            elif self.topology.distributed:
+                self._sync_unmanaged()
+            stats = self._update(attempt.loss_sum)
         except BaseException:
-            self._discard_accumulation()                # nothing half-accumulated survives an error
-            rng.restore(streams)
-            self.plan = plan                            # a step that failed leaves the plan as it found it
+            if not self._committed:                     # all or nothing: nothing of this step survives
+                self._discard_accumulation()
+                random_streams.restore(streams)
+                self.plan = plan
+                self._regrow.load_state_dict(regrow)
             raise
-
-        self._running_stats.end()
-        if self.topology.syncs_buffer:
-            self._sync_buffer(attempt.agreement)
-        elif self.topology.distributed:
-            self._sync_unmanaged()
-        stats = self._update(attempt.loss_sum)
         sizes = self._sizes(n)
         stats.micro_batches = [s for s, c in zip(sizes, counts) if c > 0]
         stats.items = _as_number(total)
@@ -454,20 +458,43 @@ class Trainer:
         norm_value = float(norm)
         skipped = bool(found_inf) or not math.isfinite(loss)
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
-        if not skipped:
-            self.updater.step(self.optimizer, pairs, grad_scale, found_inf)
-            self.steps += 1
-            if self.scheduler is not None:
-                self.scheduler.step()
-        else:
+        if skipped:
             self.skipped_steps += 1
-        if self.scaler is not None:
-            self.scaler.update(found_inf)  # lowers the scale after inf/nan, grows it after clean runs
-        self._zero_grad()
+        else:
+            self._optimizer_step(pairs, grad_scale, found_inf)
+        self._after_update(found_inf, stepped=not skipped)
         events = ([f"skipped the update: {'loss' if not math.isfinite(loss) else 'gradient norm'} "
                    f"is not finite"] if skipped else [])
         return StepStats(loss=loss, grad_norm=norm_value if self.max_grad_norm is not None else None,
                          skipped=skipped, micro_batches=[], items=0, lr=lr, events=events)
+
+    def _optimizer_step(self, pairs, grad_scale, found_inf) -> None:
+        """``optimizer.step`` with a fault on either side of its first write handled (see README,
+        "Reliability"): raised before it wrote anything, the optimizer's state is put back and the
+        step fails whole (the caller rolls back the rest); raised after, the update stands, so the
+        step is completed (counted, scheduler and loss scale stepped, gradients freed) before the
+        error goes on, and counters, scheduler and parameters agree."""
+        writes = OptimizerWrites(self.optimizer)
+        try:
+            self.updater.step(self.optimizer, pairs, grad_scale, found_inf)
+        except BaseException as e:
+            if not writes.wrote():
+                writes.undo()
+                raise
+            self._committed = True
+            self._after_update(found_inf, stepped=True)
+            e.add_note("autoaccum: the optimizer had already written when this was raised, so the update "
+                       "stands and the step was completed (counted, scheduler stepped, gradients freed)")
+            raise
+
+    def _after_update(self, found_inf: torch.Tensor, stepped: bool) -> None:
+        if stepped:
+            self.steps += 1
+            if self.scheduler is not None:
+                self.scheduler.step()
+        if self.scaler is not None:
+            self.scaler.update(found_inf)  # lowers the scale after inf/nan, grows it after clean runs
+        self._zero_grad()
 
     def _gradients(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """(parameter, its accumulated gradient): buffer views, or what autograd left in ``.grad``."""
@@ -488,18 +515,26 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        """Everything a resumed run needs besides the model's own state_dict: the optimizer, the
-        scheduler, the loss scale, the fp32 master weights and the step counters."""
+    def state_dict(self, *, rng: bool = True) -> dict:
+        """Everything a resumed run needs besides the model's own state_dict, so that N steps, a save,
+        a load into fresh objects and M more steps are bitwise the N + M steps of an uninterrupted run:
+        the optimizer, scheduler, loss scale, fp32 master weights, step counters, the current plan
+        (a micro-batch lowered after an out-of-memory stays lowered), the regrowth state and, unless
+        ``rng=False``, the random streams autoaccum manages (torch CPU and CUDA, numpy, Python)."""
+        check_bool("rng", rng, "save the random streams")
         return {"optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "masters": self.updater.state_dict(self._params),
-                "steps": self.steps, "skipped_steps": self.skipped_steps}
+                "steps": self.steps, "skipped_steps": self.skipped_steps, "oom_retries": self.oom_retries,
+                "plan": self.plan.to_dict() if self.plan is not None else None,
+                "max_micro_batch": self.max_micro_batch, "regrow": self._regrow.state_dict(),
+                "rng": random_streams.to_dict(random_streams.capture()) if rng else None}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`. Load the model's state_dict first: the masters are
-        adopted as they were saved, and the optimizer's fp32 state for them is not rounded."""
+        adopted as they were saved, and the optimizer's fp32 state for them is not rounded. Every
+        check runs before anything is loaded: a checkpoint that does not fit changes nothing."""
         if not isinstance(state, dict) or "optimizer" not in state:
             raise TypeError("state must be a dict from Trainer.state_dict() (with an 'optimizer' entry)")
         params = self._trainable()
@@ -515,6 +550,8 @@ class Trainer:
             if (state.get(name) is None) != (part is None):
                 raise ValueError(f"the checkpoint {'has no' if state.get(name) is None else 'has a'} {name} "
                                  f"state but this trainer {'has' if part is not None else 'has no'} {name}")
+        saved_plan = self._check_saved_plan(state.get("plan"))
+        streams = random_streams.from_dict(state["rng"]) if state.get("rng") is not None else None
         if not self.updater.master_weights:
             masters = [None] * len(params)   # this trainer steps the parameters themselves: state in their dtype
         with self.updater.masters_in_place(params, masters):
@@ -525,6 +562,28 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.steps = state.get("steps", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.oom_retries = state.get("oom_retries", 0)
+        if saved_plan is not None:
+            if self.plan is None:
+                self._adopt(saved_plan)              # sized when it was saved: nothing left to probe
+            self.plan = saved_plan
+            self.max_micro_batch = state.get("max_micro_batch", saved_plan.micro_batch)
+        if state.get("regrow") is not None:
+            self._regrow.load_state_dict(state["regrow"])
+        if streams is not None:
+            random_streams.restore(streams)
+
+    def _check_saved_plan(self, saved: dict | None) -> Plan | None:
+        """The checkpoint's plan, if it fits this trainer's effective batch and world size."""
+        if saved is None:
+            return None
+        target, world = (self.plan.target_batch, self.plan.world_size) if self.plan is not None else (
+            self._sizer.pending.target_batch, self._sizer.pending.world_size)
+        if (saved["target_batch"], saved["world_size"]) != (target, world):
+            raise ValueError(f"the checkpoint was saved with target_batch={saved['target_batch']} on "
+                             f"{saved['world_size']} rank(s), this trainer has target_batch={target} on {world}; "
+                             f"resume with the same effective batch and world size")
+        return make_plan(saved["target_batch"], saved["micro_batch"], saved["world_size"])
 
     def close(self) -> None:
         """Take the gradient buffer's hooks off the parameters and free the buffer. They are inert

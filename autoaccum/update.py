@@ -97,6 +97,30 @@ class Updater:
                     self._masters[id(p)] = (m, p._version)
 
 
+class OptimizerWrites:
+    """Has ``optimizer.step`` written anything yet? Taken right before the step: the version counter
+    of every parameter it holds and of every tensor in its state, and a shallow copy of the state.
+    A fault raised before the first in-place write (a lazily allocated state, an OOM making it)
+    can be undone exactly by putting the copy back; one raised after it cannot (the parameters
+    moved), which ``wrote`` tells. Costs one pass over the parameters and the state's entries."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.params = [(p, p._version) for g in optimizer.param_groups for p in g["params"]]
+        self.state = {k: dict(v) for k, v in optimizer.state.items()}
+        self.tensors = [(t, t._version) for v in self.state.values() for t in v.values()
+                        if isinstance(t, torch.Tensor)]
+
+    def wrote(self) -> bool:
+        return (any(p._version != v for p, v in self.params)
+                or any(t._version != v for t, v in self.tensors))
+
+    def undo(self) -> None:
+        """The optimizer's state as it was (entries it created or replaced go; nothing was written in place)."""
+        self.optimizer.state.clear()
+        self.optimizer.state.update({k: dict(v) for k, v in self.state.items()})
+
+
 def _match_state(optimizer, p: nn.Parameter, master: torch.Tensor) -> None:
     """State loaded by ``Optimizer.load_state_dict`` arrives in the parameter's (bf16) dtype; the
     master's optimizer needs it in fp32."""
