@@ -34,8 +34,11 @@ def restore(state: RngState) -> None:
 
 
 def to_dict(state: RngState) -> dict:
-    """A checkpoint-friendly form (``torch.save`` keeps the tensors, numpy's and Python's tuples)."""
-    return {"torch_cpu": state.torch_cpu, "torch_cuda": state.torch_cuda, "numpy": state.numpy,
+    """A checkpoint form that ``torch.load(weights_only=True)`` (torch's default) accepts: tensors,
+    tuples, numbers and strings; numpy's key array travels as an int64 tensor."""
+    kind, key, pos, has_gauss, gauss = state.numpy
+    return {"torch_cpu": state.torch_cpu, "torch_cuda": state.torch_cuda,
+            "numpy": (str(kind), torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
             "python": state.python}
 
 
@@ -49,5 +52,7 @@ def from_dict(d: dict) -> RngState:
         if len(cuda) != have:
             raise ValueError(f"the checkpoint holds random streams for {len(cuda)} CUDA device(s) but this process "
                              f"sees {have}; resume on the same devices, or save with state_dict(rng=False)")
-    return RngState(d["torch_cpu"], cuda, d["numpy"], d["python"])
+    kind, key, pos, has_gauss, gauss = d["numpy"]
+    key = key.numpy().astype(np.uint32) if isinstance(key, torch.Tensor) else np.asarray(key, dtype=np.uint32)
+    return RngState(d["torch_cpu"], cuda, (kind, key, pos, has_gauss, gauss), d["python"])
 

@@ -70,7 +70,7 @@ def test_save_load_continue_equals_the_uninterrupted_run(scheduler, oom):
     torch.save({"model": model.state_dict(), "trainer": trainer.state_dict()}, buf)
     seed_all(99)                              # whatever happens between save and resume
     buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
+    saved = torch.load(buf)                   # torch's default, weights_only=True
 
     model2, trainer2 = build(1, scheduler)   # fresh objects, other initial weights
     model2.load_state_dict(saved["model"])
