@@ -188,29 +188,60 @@ def _run_probe(args) -> int:
 
 
 def _load(spec: str, flag: str) -> Any:
-    """``module.path:name`` or ``path/to/file.py:name`` -> the object."""
+    """``module.path:name`` or ``path/to/file.py:name`` -> the object. A file's directory goes first on
+    ``sys.path`` (so it can import its siblings, as ``python file.py`` would let it); a dotted module is
+    looked up from the current directory first. Every way this can fail is one line."""
     if ":" not in spec:
         raise CliError(f"{flag} {spec!r} must be MODULE:NAME (e.g. mymodels:build or ./models.py:build)")
     module_name, _, attr = spec.rpartition(":")
+    path_like = module_name.endswith(".py") or "/" in module_name or os.sep in module_name \
+        or module_name.startswith(".")
     try:
-        if module_name.endswith(".py") or os.sep in module_name:
-            path = Path(module_name)
-            if not path.exists():
-                raise CliError(f"{flag}: no such file {module_name}")
-            spec_ = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(spec_)
-            spec_.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(module_name)
+        module = _import_file(module_name, flag) if path_like else _import_dotted(module_name)
     except CliError:
         raise
+    except SystemExit as e:
+        raise CliError(f"{flag}: importing {module_name!r} called sys.exit({e.code!r}); autoaccum imports it to "
+                       f"call {attr!r}: put its script code under `if __name__ == '__main__':`") from None
+    except ModuleNotFoundError as e:
+        raise CliError(f"{flag}: cannot import {module_name!r}: {e} (looked in the current directory and "
+                       f"sys.path; a file is given as ./{module_name.replace('.', '/')}.py:{attr})") from None
     except Exception as e:
         raise CliError(f"{flag}: cannot import {module_name!r}: {type(e).__name__}: {e}") from None
     if not hasattr(module, attr):
         raise CliError(f"{flag}: module {module_name!r} has no attribute {attr!r}")
     return getattr(module, attr)
+
+
+def _import_file(name: str, flag: str):
+    path = Path(name)
+    if path.is_dir():
+        raise CliError(f"{flag}: {name} is a directory; give a .py file (./dir/models.py:build) or a dotted "
+                       f"module (dir.models:build)")
+    if not path.exists() and path.suffix != ".py" and path.with_name(path.name + ".py").exists():
+        path = path.with_name(path.name + ".py")       # ./models:build means ./models.py
+    if not path.exists():
+        raise CliError(f"{flag}: no such file {name}")
+    if path.suffix != ".py":
+        raise CliError(f"{flag}: {name} is not a .py file")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)                     # its sibling modules import as they would for `python file.py`
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module                    # dataclasses, pickling and the probe cache look it up there
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(path.stem, None)
+        raise
+    return module
+
+
+def _import_dotted(name: str):
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return importlib.import_module(name)
 
 
 def _user_errors(fn, what: str = "failed"):

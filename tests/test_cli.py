@@ -68,9 +68,19 @@ def broken_sample(n):
 def probe_cli(tmp_path, monkeypatch, capsys, *args):
     """Run ``autoaccum probe`` in-process from ``tmp_path``, where mymodels.py lives."""
     (tmp_path / "mymodels.py").write_text(MODELS)
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "sub").mkdir(exist_ok=True)
+    (tmp_path / "sub" / "layers.py").write_text("from torch import nn\ndef block():\n    return nn.Linear(128, 10)\n")
+    (tmp_path / "sub" / "nets.py").write_text("import torch\nfrom torch import nn\nfrom layers import block\n"
+                                              "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                                              "        self.body = block()\n"
+                                              "    def forward(self, x, y):\n"
+                                              "        return {'loss': nn.functional.cross_entropy(self.body(x), y)}\n"
+                                              "def build():\n    return Net()\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.delitem(sys.modules, "mymodels", raising=False)
+    for name in ("mymodels", "exits", "nets", "layers"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     code = cli.main(["probe", *args])
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
@@ -105,6 +115,10 @@ def test_probe_command_estimates_without_allocating(tmp_path, monkeypatch, capsy
     (["--model", "mymodels:not_a_model", "--sample", "mymodels:sample"], "not a torch.nn.Module"),
     (["--model", "mymodels:build", "--sample", "mymodels:wrong_sample"], "shapes cannot be multiplied"),
     (["--model", "./missing.py:build", "--sample", "mymodels:sample"], "no such file"),
+    (["--model", "./sub:build", "--sample", "mymodels:sample"], "is a directory"),
+    (["--model", "exits:build", "--sample", "mymodels:sample"], "called sys.exit(3)"),
+    (["--model", "./exits.py:build", "--sample", "mymodels:sample"], "if __name__ == '__main__'"),
+    (["--model", "nomod.deeper:build", "--sample", "mymodels:sample"], "No module named 'nomod'"),
     (["--model", "mymodels:build", "--sample", "mymodels:broken_sample"], "KeyError: 'missing'"),
     (["--model", "mymodels:build", "--sample", "mymodels:sample", "--device", "cuda:7"], "cannot move the model"),
     (["--model", "mymodels:build", "--sample", "mymodels:sample", "--plot", "no/such/dir/mem.png"], "plot"),
@@ -113,6 +127,16 @@ def test_probe_command_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args
     r = probe_cli(tmp_path, monkeypatch, capsys, *args, "--target-batch", "64", "--memory-budget", "8MiB")
     assert r.returncode == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("model", ["./sub/nets.py:build", "sub/nets:build"])
+def test_a_model_file_imports_its_siblings(tmp_path, monkeypatch, capsys, model):
+    """``--model sub/nets.py:build`` where nets.py does ``from layers import block``: its folder is on
+    sys.path, as it would be for ``python sub/nets.py``."""
+    r = probe_cli(tmp_path, monkeypatch, capsys, "--model", model, "--sample", "mymodels:sample",
+                  "--target-batch", "256", "--estimate", "--device-memory", "80GiB")
+    assert r.returncode == 0, r.stderr
+    assert "plan: target 256" in r.stdout
 
 
 def test_probe_command_traceback_flag_shows_the_whole_error(tmp_path, monkeypatch, capsys):
