@@ -18,11 +18,11 @@ out of memory) puts them back as they were.
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from .warn import warn
 
 MODES = ("micro", "freeze", "step")
 
@@ -55,12 +55,12 @@ class RunningStats:
             return  # one forward per step: every mode is the full-batch behaviour
         if self._warn:
             self._warn = False
-            warnings.warn(
+            warn(
                 f"the model has {len(active)} BatchNorm layer(s) in training mode: with {accum_steps} "
                 f"micro-batches each one normalises with micro-batch statistics and updates the running "
                 f"statistics {accum_steps} times per step. Pass batchnorm='step' to update them once from "
                 f"the whole batch, 'freeze' to keep them fixed, or 'micro' to keep this and silence the "
-                f"warning.", stacklevel=4)
+                f"warning.")
         if self.mode == "step":
             for m in active:
                 m.momentum = 1.0  # the layer's running stats become exactly its micro-batch stats

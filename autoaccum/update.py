@@ -16,13 +16,13 @@ is rounded; state that did come back in bf16 is cast to fp32 again before the st
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from . import kernels
+from .warn import warn
 
 
 class Updater:
@@ -130,10 +130,9 @@ def _match_state(optimizer, p: nn.Parameter, master: torch.Tensor) -> None:
     for k, v in state.items():
         if (k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != master.dtype
                 and v.shape == master.shape):
-            warnings.warn("optimizer state for fp32 master weights came back in the parameters' dtype "
-                          "(Optimizer.load_state_dict casts it); it is cast to fp32 again, but the rounding "
-                          "stays: save and load with trainer.state_dict() / trainer.load_state_dict()",
-                          stacklevel=4)
+            warn("optimizer state for fp32 master weights came back in the parameters' dtype "
+                 "(Optimizer.load_state_dict casts it); it is cast to fp32 again, but the rounding "
+                 "stays: save and load with trainer.state_dict() / trainer.load_state_dict()")
             state[k] = v.to(master.dtype)
 
 
