@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import batch as batching
+from . import count
 from . import rng as random_streams
 from .batchnorm import RunningStats
 from .buffer import GradBuffer
@@ -47,6 +48,7 @@ from .progress import Progress
 from .recovery import Failure, Regrow, classify, not_enough_memory_message, smaller_micro_batch
 from .scaler import LossScaler
 from .update import OptimizerWrites, Updater, finalize
+from .warn import warn
 
 CountFn = Callable[[Any], Any]
 log = logging.getLogger("autoaccum")
@@ -102,6 +104,7 @@ class Trainer:
         self.max_grad_norm = max_grad_norm
         self.amp_dtype = amp_dtype
         self.count_fn = count_fn
+        self._count_pending = count_fn is None      # decided on the first batch (autoaccum.count)
         self.device = device
         self.probe_result = probe_result
         self.backend = backend
@@ -234,6 +237,8 @@ class Trainer:
             self.plan.check_batch(n)
             sizes = self._sizes(n)
             parts = batching.split(batch, sizes)
+            if self._count_pending:
+                self._choose_count(parts[0])
             counts = self._count(parts, sizes)
             self._check_collective_shape(counts)
         except (ValueError, TypeError) as e:
@@ -262,6 +267,32 @@ class Trainer:
         if self.topology.communicates_in_model and any(c == 0 for c in counts):
             raise ValueError("a micro-batch has no items (count_fn returned 0): with collectives inside the "
                              "model's forward every micro-batch must run on every rank; balance the batch")
+
+    def _choose_count(self, first: Any) -> None:
+        """Without ``count_fn``, once: a model computing its own loss over ``labels`` is counted by
+        the positions that loss averages over (checked against it); a ``loss_fn`` of the user's
+        over a batch with ignored labels gets a warning that samples are counted."""
+        self._count_pending = False
+        if self.loss_fn is not None:
+            if count.ignored_labels(first):
+                warn("the batch's labels have ignored positions (-100) but count_fn is not set, so every "
+                     "sample counts one item; if loss_fn averages over tokens, pass "
+                     "count_fn=autoaccum.count.labels() (shift=True for a causal LM)")
+            return
+        rule = count.rule_for(self.model, first)
+        if rule is None:
+            log.info("autoaccum: counting samples as the items of each micro-batch")
+            return
+        if self.topology.shards_gradients:      # its forward all-gathers: no forward of one rank's own
+            found, why = rule, "the model's class says so; not checked under FSDP2"
+        else:
+            found, why = count.verify(self.model, batching.to_device(first, self.device), rule)
+        if found is None:
+            warn(f"autoaccum: {why}: the micro-batches are weighted by samples, which is exact only if the loss "
+                 f"is a mean over samples; pass count_fn= to say what the loss averages over")
+            return
+        self.count_fn = found
+        log.info("autoaccum: counting %s as the items of each micro-batch (%s)", found, why)
 
     def _count(self, parts: list[Any], sizes: list[int]) -> list[float]:
         if self.count_fn is None:
