@@ -1,7 +1,8 @@
-"""A dependency-free progress line for Trainer.train: loss, micro-batch, accumulation, samples/s.
+"""Progress for Trainer.train: loss, micro-batch, accumulation steps, samples/s.
 
-On a terminal it redraws one line; in a log file (not a TTY) it prints a line every
-``every`` seconds so CI logs stay short.
+On a terminal, a ``tqdm`` bar with those on it (tqdm is what users expect and it handles
+resizing, rates and notebooks); in a log file (not a TTY), a plain line every ``every`` seconds
+and at the end, so CI logs stay short.
 """
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ class Progress:
         self.skipped = 0
         self.started = time.perf_counter()
         self._last_print = -float("inf")
-        self._line = ""
+        self._bar = None
+        if enabled and self.tty:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, file=self.stream, unit="step", dynamic_ncols=True, leave=True)
 
     def update(self, stats, plan) -> None:
         self.count += 1
@@ -31,24 +35,22 @@ class Progress:
             return
         elapsed = time.perf_counter() - self.started
         rate = self.samples / elapsed if elapsed > 0 else 0.0
-        done = f"{self.count}/{self.total}" if self.total else f"{self.count}"
-        bar = ""
-        if self.total and self.tty:
-            filled = int(20 * self.count / self.total)
-            bar = "[" + "#" * filled + "." * (20 - filled) + "] "
-        skipped = f" skipped {self.skipped}" if self.skipped else ""
         largest = max(stats.micro_batches, default=0)
-        self._line = (f"{bar}step {done}  loss {stats.loss:.4f}  micro-batch {largest} "
-                      f"x {len(stats.micro_batches)}  {rate:,.0f} samples/s{skipped}")
+        fields = {"loss": f"{stats.loss:.4f}", "micro-batch": f"{largest} x {len(stats.micro_batches)}",
+                  "samples/s": f"{rate:,.0f}"}
+        if self.skipped:
+            fields["skipped"] = str(self.skipped)
+        if self._bar is not None:
+            self._bar.set_postfix(fields, refresh=False)
+            self._bar.update(1)
+            return
         now = time.perf_counter()
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + self._line)
-            self.stream.flush()
-        elif now - self._last_print >= self.every or self.count == self.total:
+        if now - self._last_print >= self.every or self.count == self.total:
             self._last_print = now
-            print(self._line, file=self.stream, flush=True)
+            done = f"{self.count}/{self.total}" if self.total else f"{self.count}"
+            print(f"step {done}  " + "  ".join(f"{k} {v}" for k, v in fields.items()), file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self.enabled and self.tty and self._line:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
