@@ -1,0 +1,75 @@
+"""The integrations: HF Trainer arguments from tune(), Lightning's AutoAccum callback, and their examples."""
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from ruler import StorageCensus  # noqa: E402  (the independent ruler: shares no code with the probe)
+
+transformers = pytest.importorskip("transformers")
+from autoaccum.integrations import largest_divisor_at_most  # noqa: E402
+from autoaccum.integrations.transformers import tune  # noqa: E402
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=64, vocab_size=512, n_positions=64, bos_token_id=0, eos_token_id=0))
+
+
+def batch(n, seq=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 512, (n, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def hf_args(**kw):
+    base = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                max_steps=2, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+@pytest.mark.parametrize("budget", ["8MiB", "20MiB"])
+def test_tune_sets_a_split_that_multiplies_to_the_target_and_fits(budget):
+    model, args = gpt2(), hf_args()
+    tuned = tune(args, model, batch(16), memory_budget=budget, cache=False)
+    micro, accum = tuned.per_device_train_batch_size, tuned.gradient_accumulation_steps
+    assert micro * accum == 16 and 16 % micro == 0
+    assert micro <= tuned.autoaccum_probe.max_micro_batch
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 4), "args is not changed"
+    rows = batch(32, seed=1)
+    data = [{k: v[i] for k, v in rows.items()} for i in range(32)]
+    trainer = transformers.Trainer(model=model, args=tuned, train_dataset=data)
+    with StorageCensus(list(model.parameters()) + list(model.buffers())) as census:
+        trainer.train()                                   # two real HF steps
+    assert trainer.state.global_step == 2
+    assert census.peak <= tuned.autoaccum_probe.limit_bytes, (census.peak, tuned.autoaccum_probe.limit_bytes)
+
+
+def test_tune_defaults_to_the_effective_batch_args_ask_for_and_checks_its_input():
+    model = gpt2()
+    tuned = tune(hf_args(per_device_train_batch_size=2, gradient_accumulation_steps=3), model, batch(6),
+                 memory_budget="64MiB", cache=False)
+    assert tuned.per_device_train_batch_size * tuned.gradient_accumulation_steps == 6
+    with pytest.raises(TypeError, match="args must be a transformers.TrainingArguments"):
+        tune({"per_device_train_batch_size": 4}, model, batch(4))
+    with pytest.raises(ValueError, match="target_batch"):
+        tune(hf_args(), model, batch(4), target_batch=0)
+
+
+def test_largest_divisor():
+    assert [largest_divisor_at_most(16, k) for k in (1, 3, 5, 11, 16, 99)] == [1, 2, 4, 8, 16, 16]
+    assert largest_divisor_at_most(13, 12) == 1
+
+
+def test_the_hf_example_runs():
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_trainer_tune.py")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "gradient_accumulation_steps=" in r.stdout and "train_loss" in r.stdout + r.stderr
