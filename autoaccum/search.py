@@ -156,6 +156,11 @@ def _next_size(trials: list[Trial], lo: int, hi: int, cap: int, target: float,
         guess = cap if hi > cap else None
     if len(trials) >= 2 and not trials[-1].fits and not trials[-2].fits:
         guess = None  # two failures in a row: the model keeps overshooting, so halve the bracket instead
+    if guess is not None and guess <= lo and len(measured) == 1 and hi > 2 * lo:
+        # One trial that fits, whose "every added byte per sample" bound cannot move past it (the
+        # gradients it allocated are a fixed cost the bound charges to its few samples): that bound
+        # is a floor, not the answer. Double: a second measured point nearby gives the real slope.
+        guess = 2 * lo
     if guess is None:
         guess = (lo + hi) // 2
         if guess <= lo or (lo > 0 and hi - 1 - lo <= STOP_GAIN * lo):

@@ -136,3 +136,20 @@ def test_a_stale_cached_answer_is_searched_again_from_its_trial(name, real_oom, 
     assert trials[0] is first and found <= true, (found, true, now.calls)
     assert found >= fresh * (1 - STOP_GAIN) - 1, (found, fresh, true, now.calls)
     assert len(trials) <= 6, now.calls
+
+
+def test_a_first_trial_dominated_by_fixed_gradient_memory_does_not_end_the_search():
+    """A trial at 2 samples allocates the gradients (fixed) in its backward: charging all of that to
+    its 2 samples bounds the answer at 2, which is a floor, not the answer. The search must look
+    further (a Lightning run with a small MLP found 2 where 128 fitted)."""
+    base, grads, per_sample = 8 * MiB, 2 * MiB, 4 * 1024
+    capacity = base + grads + MiB // 2          # room for 128 samples: less than the gradients
+
+    def run(n):
+        peak = base + grads + per_sample * n
+        return Trial(micro_batch=n, fits=True, peak_bytes=peak if peak <= capacity else None, seconds=0.0,
+                     oom=peak > capacity, base_bytes=base, forward_backward_bytes=peak, step_bytes=0)
+
+    answer, trials, _, _ = search(run, capacity, 4096, headroom=0)
+    true = (capacity - base - grads) // per_sample
+    assert answer >= 0.95 * min(true, 4096) and len(trials) <= 6, (answer, [t.micro_batch for t in trials])
