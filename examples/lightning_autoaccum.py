@@ -20,9 +20,9 @@ class Regressor(pl.LightningModule):
     def __init__(self, batch_size=8):
         super().__init__()
         self.batch_size = batch_size
-        self.net = nn.Sequential(nn.Linear(256, 2048), nn.ReLU(), nn.Linear(2048, 1))
+        self.net = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))   # per sample: 64 x 256
         g = torch.Generator().manual_seed(0)
-        self.data = TensorDataset(torch.randn(512, 256, generator=g), torch.randn(512, 1, generator=g))
+        self.data = TensorDataset(torch.randn(256, 64, 256, generator=g), torch.randn(256, 64, 1, generator=g))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -42,7 +42,7 @@ def main():
     model = Regressor()
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[AutoAccum(128, memory_budget="13MiB")])   # a tiny budget, so that it splits
+                         callbacks=[AutoAccum(128, memory_budget="8MiB")])   # a tiny budget, so that it splits
     trainer.fit(model)
     print(f"batch_size={model.batch_size}, accumulate_grad_batches={trainer.accumulate_grad_batches}, "
           f"steps={trainer.global_step}")

@@ -73,3 +73,67 @@ def test_the_hf_example_runs():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "gradient_accumulation_steps=" in r.stdout and "train_loss" in r.stdout + r.stderr
+
+
+def lightning_module():
+    pl = pytest.importorskip("pytorch_lightning")
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Regressor(pl.LightningModule):
+        def __init__(self, batch_size=8):
+            super().__init__()
+            self.batch_size = batch_size
+            self.net = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))   # per sample: 64 x 256
+            g = torch.Generator().manual_seed(0)
+            self.data = TensorDataset(torch.randn(256, 64, 256, generator=g), torch.randn(256, 64, 1, generator=g))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(len(batch[0]))
+            loss = nn.functional.mse_loss(self.net(batch[0]), batch[1])
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return {"optimizer": torch.optim.AdamW(self.parameters(), lr=1e-3)}
+
+        def train_dataloader(self):
+            return DataLoader(self.data, batch_size=self.batch_size)
+
+    return pl, Regressor()
+
+
+@pytest.mark.parametrize("budget, splits", [("8MiB", True), ("256MiB", False)])
+def test_lightning_callback_sets_batch_size_and_accumulation(budget, splits):
+    pl, model = lightning_module()
+    from autoaccum.integrations.lightning import AutoAccum
+    callback = AutoAccum(128, memory_budget=budget, cache=False)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(model)
+    assert model.batch_size * trainer.accumulate_grad_batches == 128
+    assert (trainer.accumulate_grad_batches > 1) == splits
+    assert model.batch_size <= callback.result.max_micro_batch and trainer.global_step == 2
+    assert set(model.seen[-trainer.accumulate_grad_batches:]) == {model.batch_size}, "the loader uses the new size"
+
+
+def test_lightning_callback_needs_a_batch_size_to_set():
+    pl, model = lightning_module()
+    from autoaccum.integrations.lightning import AutoAccum
+    del model.batch_size
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[AutoAccum(64, memory_budget="64MiB", cache=False)])
+    with pytest.raises(ValueError, match="sets the micro-batch through `batch_size`"):
+        trainer.fit(model)
+    with pytest.raises(ValueError, match="target_batch"):
+        AutoAccum(0)
+
+
+def test_the_lightning_example_runs():
+    pytest.importorskip("pytorch_lightning")
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "lightning_autoaccum.py")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "accumulate_grad_batches=" in r.stdout and "steps=2" in r.stdout
