@@ -40,6 +40,12 @@ def model_loss(model: nn.Module, part: Any) -> torch.Tensor:
     if isinstance(part, Mapping):
         out = model(**part)
     elif isinstance(part, (tuple, list)) and not hasattr(part, "_fields"):
+        if _keyword_model(model):
+            raise TypeError(
+                f"loss_fn is None and the micro-batch is a {type(part).__name__}, but {type(model).__name__} (a "
+                f"Hugging Face model) takes keyword arguments: model(*micro_batch) would put the second tensor "
+                f"into its second parameter, not attention_mask or labels. Give batches as dicts "
+                f"(input_ids=..., attention_mask=..., labels=...), or pass loss_fn")
         out = model(*part)
     else:
         out = model(part)
@@ -100,4 +106,10 @@ class WeightedLoss:
             kept = torch.stack(torch._foreach_mul(self.losses, self.shares)).sum(dtype=torch.float64)
             total = kept if total is None else total + kept
         return total if total is not None else torch.zeros((), dtype=torch.float64, device=device)
+
+
+def _keyword_model(model: nn.Module) -> bool:
+    """A Hugging Face model (its forward's parameters after the first are not the batch's fields)."""
+    inner = getattr(model, "module", model)
+    return hasattr(inner, "config") and hasattr(inner, "main_input_name")
 

@@ -155,3 +155,13 @@ def test_count_helpers():
         autoaccum.count.labels(ignore_index="x")
     with pytest.raises(TypeError, match="micro_batch\\['labels'\\]"):
         autoaccum.count.labels()((torch.zeros(2),))
+
+
+def test_a_tuple_batch_for_a_keyword_model_is_refused_with_the_fix():
+    model = gpt2()
+    trainer = autoaccum.fit(model, 4, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch=2)
+    b = padded_batch(4)
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="takes keyword arguments.*Give batches as dicts"):
+        trainer.step((b["input_ids"], b["attention_mask"], b["labels"]))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
