@@ -187,13 +187,30 @@ def check_count(value: Any, what: str) -> float:
             raise ValueError(f"{what} returned a tensor of shape {tuple(value.shape)}; {hint} (one number)")
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{what} returned a {value.dtype} tensor; {hint}, not .any() or a mask")
+        if value.device.type == "meta":
+            raise ValueError(f"{what} returned a tensor on the meta device, which holds no number; {hint}")
         value = value.item()
     elif isinstance(value, bool) or isinstance(value, np.bool_) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} returned {type(value).__name__} {value!r}; {hint}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        value = math.inf
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{what} returned {value}; {hint}: a finite number >= 0")
     return value
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """None, or an optimizer a step over micro-batches can drive (``step()`` without a closure)."""
+    if optimizer is None:
+        return
+    if not (callable(getattr(optimizer, "step", None)) and hasattr(optimizer, "param_groups")):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or None); got {type(optimizer).__name__}")
+    import torch
+    if isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.LBFGS):
+        raise ValueError("optimizer is LBFGS, whose step() needs a closure that re-evaluates the loss on the whole "
+                         "batch; a step accumulated over micro-batches cannot give one: use another optimizer")
 
 
 def check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights, *, allow_meta=False):

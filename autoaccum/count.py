@@ -94,13 +94,18 @@ def rule_for(model: nn.Module, micro_batch: Any) -> labels | None:
     return labels(shift=causal(model) and target.dim() >= 2)
 
 
-def verify(model: nn.Module, micro_batch: Any, rule: labels) -> tuple[labels | None, str]:
+def verify(model: nn.Module, micro_batch: Any, rule: labels) -> tuple[labels | None, str, bool]:
     """Check ``rule`` against the model's own loss on ``micro_batch``: the mean cross-entropy of its
-    logits over the counted positions must equal the loss it returns. Returns the rule that
-    matches (``rule``, or the other shift) or None, and a sentence saying what was found.
+    logits over the counted positions must equal the loss it returns. Returns ``(rule, why, settled)``:
+    the rule that matches (``rule``, or the other shift) or None (neither: count samples), a sentence
+    saying what was found, and whether this micro-batch could tell at all (it cannot when it has
+    no counted label or its loss is not finite; the caller then keeps ``rule`` and asks again).
 
     The forward runs once, in eval mode (no dropout, no BatchNorm update), under ``no_grad``, with
-    every random stream forked, so training is not disturbed."""
+    every random stream forked, so training is not disturbed; the cross-entropy is taken in
+    float32 (float64 for a float64 model), as the model's own loss is."""
+    if int(rule(micro_batch)) == 0:
+        return rule, "its first micro-batch has no counted label to check against", False
     m = _unwrap(model)
     modes = [(mod, mod.training) for mod in m.modules()]
     try:
@@ -110,21 +115,25 @@ def verify(model: nn.Module, micro_batch: Any, rule: labels) -> tuple[labels | N
     finally:
         for mod, training in modes:
             mod.training = training
-    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
-    logits = out["logits"] if isinstance(out, Mapping) and "logits" in out else getattr(out, "logits", None)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
     if not isinstance(loss, torch.Tensor) or not isinstance(logits, torch.Tensor):
-        return rule, "the model returns no logits to check the count against; counting as its class implies"
-    target = micro_batch["labels"].to(logits.device)
+        return rule, "the model returns no loss and logits to check the count against; counting as its class implies", True
     found = loss.detach().double().item()
+    if not math.isfinite(found):
+        return rule, "its loss on the first micro-batch is not finite", False
+    target = micro_batch["labels"].to(logits.device)
     for candidate in (rule, labels(rule.ignore_index, not rule.shift, rule.key)):
         mean = _mean_cross_entropy(logits, target, candidate)
         if mean is not None and math.isclose(mean, found, rel_tol=1e-4, abs_tol=1e-6):
-            return candidate, f"the model's loss ({found:.6g}) is the mean over {candidate}"
+            return candidate, f"the model's loss ({found:.6g}) is the mean over {candidate}", True
     return None, (f"the model's loss ({found:.6g}) is not the mean cross-entropy over its labels, shifted or not; "
-                  f"counting samples")
+                  f"counting samples"), True
 
 
 def _mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor, rule: labels) -> float | None:
+    """The mean cross-entropy over ``rule``'s positions, or None where it is not defined (shapes that do
+    not line up, labels out of range: another ignore value, or not class ids at all)."""
     if rule.shift:
         if logits.dim() < 3 or target.dim() < 2:
             return None
@@ -132,9 +141,11 @@ def _mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor, rule: labels
     if logits.shape[:-1] != target.shape:
         return None
     kept = target != rule.ignore_index
-    if not bool(kept.any()):
+    if not bool(kept.any()) or int(target[kept].min()) < 0 or int(target[kept].max()) >= logits.shape[-1]:
         return None
-    return nn.functional.cross_entropy(logits.detach().double().reshape(-1, logits.shape[-1]), target.reshape(-1),
+    wide = logits.detach()
+    wide = wide if wide.dtype == torch.float64 else wide.float()
+    return nn.functional.cross_entropy(wide.reshape(-1, wide.shape[-1]), target.reshape(-1),
                                        ignore_index=rule.ignore_index).item()
 
 

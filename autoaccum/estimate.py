@@ -33,7 +33,7 @@ from torch import nn
 from . import batch as batching
 from . import rng
 from .buffer import GradBuffer
-from .checks import check_positive_int, check_step_arguments, parse_bytes
+from .checks import check_optimizer, check_positive_int, check_step_arguments, parse_bytes
 from .loss import LossFn
 from .memory import format_bytes
 from .probe import plot_memory
@@ -99,6 +99,7 @@ def estimate(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn |
     ``"cpu"`` sizes a device where the data already lives and none of that applies (both default 0).
     """
     started = time.perf_counter()
+    check_optimizer(optimizer)
     amp, accum = check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights,
                                       allow_meta=True)
     cap = DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch

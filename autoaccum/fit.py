@@ -14,7 +14,8 @@ from torch import nn
 from . import batch as batching
 from .batchnorm import MODES as BATCHNORM_MODES
 from .checks import (check_amp_dtype, check_bool, check_callable, check_choice, check_device, check_int,
-                     check_master_weights, check_model, check_positive_real, check_runnable, parse_bytes)
+                     check_master_weights, check_model, check_optimizer, check_positive_real, check_runnable,
+                     parse_bytes)
 from .distributed import SYNC_MODES, PeerFailure, Topology
 from .plan import Plan
 from .plan import plan as make_plan
@@ -155,6 +156,7 @@ def _check_optimizer(optimizer: Any, params: list[torch.Tensor]) -> None:
             and hasattr(optimizer, "param_groups")):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer built from the model's parameters; "
                         f"got {type(optimizer).__name__}")
+    check_optimizer(optimizer)
     if type(optimizer).__name__ == "AcceleratedOptimizer" and getattr(optimizer, "scaler", None) is not None:
         raise ValueError("optimizer comes from accelerator.prepare with fp16 mixed precision, so its step() goes "
                          "through Accelerate's GradScaler, which expects a loss scaled by accelerator.backward; "

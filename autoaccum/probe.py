@@ -17,7 +17,7 @@ from torch import nn
 
 from . import cache as probe_cache
 from .buffer import GradBuffer
-from .checks import check_bool, check_device, check_int, check_runnable, check_step_arguments, parse_bytes
+from .checks import check_optimizer, check_bool, check_device, check_int, check_runnable, check_step_arguments, parse_bytes
 from .loss import LossFn
 from .memory import CPU_BUDGET_FRACTION, NotEnoughMemoryError, format_bytes, read_device, release_memory
 from .checks import check_positive_int
@@ -143,6 +143,7 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
     The model, optimizer state and RNG streams are left exactly as they were.
     """
     started = time.perf_counter()
+    check_optimizer(optimizer)
     amp, accum = check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights)
     cap = DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch
     check_positive_int("max_micro_batch", cap)

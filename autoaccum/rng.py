@@ -52,7 +52,16 @@ def from_dict(d: dict) -> RngState:
         if len(cuda) != have:
             raise ValueError(f"the checkpoint holds random streams for {len(cuda)} CUDA device(s) but this process "
                              f"sees {have}; resume on the same devices, or save with state_dict(rng=False)")
-    kind, key, pos, has_gauss, gauss = d["numpy"]
-    key = key.numpy().astype(np.uint32) if isinstance(key, torch.Tensor) else np.asarray(key, dtype=np.uint32)
-    return RngState(d["torch_cpu"], cuda, (kind, key, pos, has_gauss, gauss), d["python"])
+    try:
+        kind, key, pos, has_gauss, gauss = d["numpy"]
+        key = key.numpy().astype(np.uint32) if isinstance(key, torch.Tensor) else np.asarray(key, dtype=np.uint32)
+        state = RngState(d["torch_cpu"], cuda, (kind, key, pos, has_gauss, gauss), d["python"])
+        torch.Generator().set_state(state.torch_cpu)          # dry runs: a bad stream fails here, not half-way
+        np.random.RandomState().set_state(state.numpy)
+        random.Random().setstate(state.python)
+        if cuda is not None and not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda):
+            raise TypeError("CUDA streams must be uint8 tensors")
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"the checkpoint's 'rng' entry is not one Trainer.state_dict() wrote ({e})") from None
+    return state
 

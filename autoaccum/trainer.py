@@ -40,7 +40,7 @@ from .batchnorm import RunningStats
 from .buffer import GradBuffer
 from .distributed import Agreement, PeerFailure, PeerStopped, PreForward, Topology
 from .loss import LossFn, WeightedLoss, autocast, compute_loss
-from .memory import NotEnoughMemoryError, release_memory
+from .memory import NotEnoughMemoryError, is_oom_error, release_memory
 from .checks import check_bool, check_count, check_int
 from .plan import Plan
 from .plan import plan as make_plan
@@ -238,7 +238,7 @@ class Trainer:
             sizes = self._sizes(n)
             parts = batching.split(batch, sizes)
             if self._count_pending:
-                self._choose_count(parts[0])
+                self._choose_count(parts)
             counts = self._count(parts, sizes)
             self._check_collective_shape(counts)
         except (ValueError, TypeError) as e:
@@ -255,6 +255,9 @@ class Trainer:
                              f"with {self.topology.wrapper} communicating inside the model every rank must run the same "
                              f"micro-batches: give every rank the same number of samples (DistributedSampler pads; "
                              f"or drop_last=True)")
+        if not math.isfinite(total):
+            raise ValueError(f"count_fn's counts add up to {total} items over the batch; they must sum to a finite "
+                             f"number (count items, e.g. tokens, not their values)")
         if total <= 0:
             raise ValueError(f"count_fn returned 0 items for every micro-batch ({counts}); the loss mean over "
                              f"the batch is undefined. count_fn must count the items the loss averages over "
@@ -268,31 +271,42 @@ class Trainer:
             raise ValueError("a micro-batch has no items (count_fn returned 0): with collectives inside the "
                              "model's forward every micro-batch must run on every rank; balance the batch")
 
-    def _choose_count(self, first: Any) -> None:
-        """Without ``count_fn``, once: a model computing its own loss over ``labels`` is counted by
-        the positions that loss averages over (checked against it); a ``loss_fn`` of the user's
-        over a batch with ignored labels gets a warning that samples are counted."""
-        self._count_pending = False
+    def _choose_count(self, parts: list[Any]) -> None:
+        """Without ``count_fn``: a model computing its own loss over ``labels`` is counted by the
+        positions that loss averages over, checked against it on the first micro-batch that can
+        tell (until then the model's class decides); a ``loss_fn`` of the user's over a batch with
+        ignored labels gets a warning that samples are counted. Decided once, after it succeeded."""
+        first = parts[0]
         if self.loss_fn is not None:
             if count.ignored_labels(first):
                 warn("the batch's labels have ignored positions (-100) but count_fn is not set, so every "
                      "sample counts one item; if loss_fn averages over tokens, pass "
                      "count_fn=autoaccum.count.labels() (shift=True for a causal LM)")
+            self._count_pending = False
             return
         rule = count.rule_for(self.model, first)
         if rule is None:
             log.info("autoaccum: counting samples as the items of each micro-batch")
+            self._count_pending = False
             return
         if self.topology.shards_gradients:      # its forward all-gathers: no forward of one rank's own
-            found, why = rule, "the model's class says so; not checked under FSDP2"
+            found, why, settled = rule, "the model's class says so; not checked under FSDP2", True
         else:
-            found, why = count.verify(self.model, batching.to_device(first, self.device), rule)
+            part = next((p for p in parts if int(rule(p)) > 0), first)
+            try:
+                found, why, settled = count.verify(self.model, batching.to_device(part, self.device), rule)
+            except Exception as e:  # noqa: BLE001 - an OOM in the check: keep the class's rule unchecked
+                if not is_oom_error(e):
+                    raise
+                release_memory(self.device)
+                found, why, settled = rule, "not checked: the check's forward ran out of memory", True
+        self.count_fn = found
+        self._count_pending = not settled
         if found is None:
             warn(f"autoaccum: {why}: the micro-batches are weighted by samples, which is exact only if the loss "
                  f"is a mean over samples; pass count_fn= to say what the loss averages over")
-            return
-        self.count_fn = found
-        log.info("autoaccum: counting %s as the items of each micro-batch (%s)", found, why)
+        elif settled:
+            log.info("autoaccum: counting %s as the items of each micro-batch (%s)", found, why)
 
     def _count(self, parts: list[Any], sizes: list[int]) -> list[float]:
         if self.count_fn is None:
@@ -583,6 +597,11 @@ class Trainer:
                                  f"state but this trainer {'has' if part is not None else 'has no'} {name}")
         saved_plan = self._check_saved_plan(state.get("plan"))
         streams = random_streams.from_dict(state["rng"]) if state.get("rng") is not None else None
+        for name in ("steps", "skipped_steps", "oom_retries"):
+            if name in state:
+                check_int(f"the checkpoint's {name!r}", state[name], minimum=0)
+        if state.get("regrow") is not None and set(state["regrow"]) != {"after", "wait", "clean", "last_good"}:
+            raise ValueError("the checkpoint's 'regrow' entry is not one Trainer.state_dict() wrote")
         if not self.updater.master_weights:
             masters = [None] * len(params)   # this trainer steps the parameters themselves: state in their dtype
         with self.updater.masters_in_place(params, masters):

@@ -100,25 +100,53 @@ class Updater:
 class OptimizerWrites:
     """Has ``optimizer.step`` written anything yet? Taken right before the step: the version counter
     of every parameter it holds and of every tensor in its state, and a shallow copy of the state.
-    A fault raised before the first in-place write (a lazily allocated state, an OOM making it)
-    can be undone exactly by putting the copy back; one raised after it cannot (the parameters
-    moved), which ``wrote`` tells. Costs one pass over the parameters and the state's entries."""
+    A fault raised before the first write (a lazily allocated state, an OOM making it) can be
+    undone exactly by putting the copy back; one raised after it cannot (the parameters moved),
+    which ``wrote`` tells.
+
+    Version counters move only with torch's own in-place ops. Fused kernels (``fused=True``) and
+    optimizers outside ``torch.optim`` (bitsandbytes, apex) may write through raw pointers, so for
+    them the parameters' norms are also taken before the step (one read of the parameters, no host
+    sync; compared only after a fault)."""
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
-        self.params = [(p, p._version) for g in optimizer.param_groups for p in g["params"]]
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.params = [(p, p._version) for p in params]
         self.state = {k: dict(v) for k, v in optimizer.state.items()}
         self.tensors = [(t, t._version) for v in self.state.values() for t in v.values()
                         if isinstance(t, torch.Tensor)]
+        self.fingerprint = _norms(params) if not _versions_tell(optimizer) else None
 
     def wrote(self) -> bool:
-        return (any(p._version != v for p, v in self.params)
-                or any(t._version != v for t, v in self.tensors))
+        if any(p._version != v for p, v in self.params) or any(t._version != v for t, v in self.tensors):
+            return True
+        if self.fingerprint is None:
+            return False
+        params = [p for p, _ in self.params]
+        return any(not torch.equal(a, b) for a, b in zip(self.fingerprint, _norms(params)))
 
     def undo(self) -> None:
         """The optimizer's state as it was (entries it created or replaced go; nothing was written in place)."""
         self.optimizer.state.clear()
         self.optimizer.state.update({k: dict(v) for k, v in self.state.items()})
+
+
+def _versions_tell(optimizer) -> bool:
+    """Does every write of ``optimizer`` move a version counter? torch.optim's own optimizers, unfused."""
+    inner = getattr(optimizer, "optimizer", optimizer)          # accelerate's AcceleratedOptimizer
+    return (type(inner).__module__.startswith("torch.optim")
+            and not any(g.get("fused") for g in inner.param_groups))
+
+
+def _norms(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-parameter norms in float64 (a write that leaves all of them unchanged is not a write)."""
+    groups: dict = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p.detach())
+    with torch.no_grad():
+        return [n for ts in groups.values() for n in torch._foreach_norm(ts, 2, dtype=torch.float64)
+                ] if groups else []
 
 
 def _match_state(optimizer, p: nn.Parameter, master: torch.Tensor) -> None:

@@ -136,6 +136,8 @@ CASES = [
     ("fit target huge", lambda w: w.fit(target_batch=2**70), ValueError, "target_batch.*largest supported"),
     ("fit optimizer str", lambda w: w.fit(optimizer="adam"), TypeError, "optimizer must be"),
     ("fit optimizer other", lambda w: w.fit(optimizer=other_opt()), ValueError, "optimizer holds none"),
+    ("fit optimizer lbfgs", lambda w: w.fit(optimizer=torch.optim.LBFGS(w.model.parameters())), ValueError,
+     "optimizer is LBFGS"),
     ("fit loss_fn int", lambda w: w.fit(loss_fn=3), TypeError, "loss_fn must be callable"),
     ("fit count_fn str", lambda w: w.fit(count_fn="tokens"), TypeError, "count_fn must be callable"),
     ("fit micro 0", lambda w: w.fit(micro_batch=0), ValueError, "micro_batch"),
@@ -213,10 +215,14 @@ CASES = [
     ("probe count_fn", lambda w: w.probe(count_fn=5), TypeError, "count_fn must be callable"),
     ("probe accum", lambda w: w.probe(accum_dtype="half"), ValueError, "accum_dtype"),
     ("probe master", lambda w: w.probe(master_weights="x"), TypeError, "master_weights"),
+    ("probe optimizer str", lambda w: w.probe(optimizer="adam"), TypeError, "optimizer must be"),
+    ("probe optimizer lbfgs", lambda w: w.probe(optimizer=unseeded(
+        lambda: torch.optim.LBFGS(w.model.parameters()))()), ValueError, "optimizer is LBFGS"),
     ("probe sample str", lambda w: w.probe(sample="abc"), TypeError, "sample"),
     ("probe sample empty", lambda w: w.probe(sample=(torch.zeros(0, 6), torch.zeros(0, 2))), ValueError, "empty"),
     # ---------------------------------------------------------------- estimate
     ("estimate model str", lambda w: w.estimate(model="x"), TypeError, "model must be a torch.nn.Module"),
+    ("estimate optimizer str", lambda w: w.estimate(optimizer="adam"), TypeError, "optimizer must be"),
     ("estimate memory nan", lambda w: w.estimate(device_memory=nan), ValueError, "device_memory"),
     ("estimate memory text", lambda w: w.estimate(device_memory="big"), ValueError, "device_memory"),
     ("estimate context negative", lambda w: w.estimate(context_bytes=-1), ValueError, "context_bytes"),
@@ -255,6 +261,9 @@ CASES = [
     ("count negative", counting(-2), ValueError, r"count_fn.*returned -2"),
     ("count vector", counting(lambda mb: torch.ones(2)), ValueError, r"count_fn.*shape \(2,\)"),
     ("count numpy bool", counting(np.bool_(True)), TypeError, r"count_fn.*returned bool"),
+    ("count huge int", counting(10**400), ValueError, r"count_fn.*returned inf"),
+    ("count meta tensor", counting(lambda mb: torch.tensor(2.0, device="meta")), ValueError, r"count_fn.*meta"),
+    ("count sum overflows", counting(1e308), ValueError, r"count_fn's counts add up to inf"),
     ("count all zero", counting(0), ValueError, r"count_fn returned 0 items for every micro-batch"),
     # ---------------------------------------------------------------- step: what loss_fn returns
     ("loss float", losing(1.0), TypeError, "loss_fn returned float"),
@@ -287,6 +296,16 @@ CASES = [
         {**w.trainer.state_dict(), "scheduler": None}), ValueError, "has no scheduler state"),
     ("load_state_dict masters", lambda w: w.trainer.load_state_dict(
         {**w.trainer.state_dict(), "masters": [None]}), ValueError, "master weights for 1 parameters"),
+    ("load_state_dict bad cpu stream", lambda w: w.trainer.load_state_dict(
+        {**w.trainer.state_dict(), "rng": {**w.trainer.state_dict()["rng"], "torch_cpu": torch.zeros(3)}}),
+     ValueError, "'rng' entry"),
+    ("load_state_dict bad python stream", lambda w: w.trainer.load_state_dict(
+        {**w.trainer.state_dict(), "rng": {**w.trainer.state_dict()["rng"], "python": (3, (1, 2), None)}}),
+     ValueError, "'rng' entry"),
+    ("load_state_dict regrow", lambda w: w.trainer.load_state_dict({**w.trainer.state_dict(), "regrow": {}}),
+     ValueError, "'regrow' entry"),
+    ("load_state_dict steps str", lambda w: w.trainer.load_state_dict({**w.trainer.state_dict(), "steps": "x"}),
+     TypeError, "'steps'"),
     ("load_state_dict rng", lambda w: w.trainer.load_state_dict(
         {**w.trainer.state_dict(), "rng": {"torch_cpu": 1}}), ValueError, "'rng' entry"),
     # ---------------------------------------------------------------- kernels

@@ -124,3 +124,45 @@ def test_a_fault_after_the_optimizer_wrote_completes_the_step(fault):
     assert all(g is None for g in b["grads"])
     twin_step(clean[3], trainer, batches[1])
     same(state_of(*clean), state_of(model, opt, sched, trainer))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_a_fused_optimizers_write_is_seen_though_it_moves_no_version_counter(kind):
+    """Fused kernels write through raw pointers: the parameters' norms tell instead. An OOM in the
+    second group's state allocation, after the first group's update, must commit the step, not roll
+    it back (a retry would apply the first group's update twice)."""
+    from autoaccum.update import OptimizerWrites
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+            "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True)}[kind]
+    opt = make([{"params": m[0].parameters()}, {"params": m[1].parameters()}])
+    m(torch.randn(2, 4)).sum().backward()
+    w = OptimizerWrites(opt)
+    assert not w.wrote()
+    opt.step()
+    assert w.wrote(), "a fused step moved the parameters"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_oom_in_the_second_groups_state_after_the_first_groups_update_commits(fused, monkeypatch):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    opt = torch.optim.Adam([{"params": m[0].parameters()}, {"params": m[1].parameters(), "weight_decay": 0.0}],
+                           lr=0.1, fused=fused)
+    trainer = autoaccum.fit(m, 4, opt, micro_batch=2, loss_fn=lambda mod, b: (mod(b[0]) - b[1]).pow(2).mean())
+    real, target, calls = torch.zeros_like, m[1].weight, [0]
+
+    def flaky(t, *a, **k):
+        if t is target and not calls[0]:
+            calls[0] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (injected while allocating Adam state)")
+        return real(t, *a, **k)
+
+    monkeypatch.setattr(torch, "zeros_like", flaky)
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        trainer.step((torch.randn(4, 4), torch.randn(4, 1)))
+    moved = [not torch.equal(a, p) for a, p in zip(before, m.parameters())]
+    assert moved == [True, True, False, False] and trainer.steps == 1
+    assert any("the update stands" in n for n in info.value.__notes__)

@@ -13,9 +13,10 @@ entry lives. It holds no tensor itself (nothing is kept alive). What identity ca
 live tensor given new memory: FSDP-style ``untyped_storage().resize_()``, ``set_()``, ``.data =``.
 On every hit one tensor per storage (the first of each) is checked against the address it had,
 which catches storage reallocation at the cost of one ``data_ptr()`` per storage (one for a
-gradient buffer's views). A tensor that is re-pointed in place while another tensor of its
-storage is not (``view.set_(...)`` on a buffer view) is not noticed; autoaccum never does that,
-and :func:`forget` drops every entry for code that does.
+gradient buffer's views). Not noticed: a tensor whose shape or strides change in place while
+its storage stays (``t_()``, ``unsqueeze_()``, a shrinking ``resize_()``, ``set_()`` into the same
+storage); autoaccum never does that to the tensors it passes, and :func:`forget` drops every
+entry for code that does.
 
 An entry is made on the second sighting of a list, so fresh lists (new gradients every
 micro-batch) cost one identity hash and no weak references.
