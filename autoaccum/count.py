@@ -18,6 +18,7 @@ back to the other shift, or to samples with a warning, when the loss is not that
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batch import batch_size
+from .batch import batch_size, to_device
+from .memory import is_oom_error, release_memory
+from .warn import warn
+
+log = logging.getLogger("autoaccum")
 
 IGNORE_INDEX = -100
 
@@ -147,6 +152,45 @@ def _mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor, rule: labels
     wide = wide if wide.dtype == torch.float64 else wide.float()
     return nn.functional.cross_entropy(wide.reshape(-1, wide.shape[-1]), target.reshape(-1),
                                        ignore_index=rule.ignore_index).item()
+
+
+def choose(model: nn.Module, loss_fn, parts: list, device: torch.device, *, checkable: bool = True
+           ) -> tuple[Any, bool]:
+    """What a trainer without ``count_fn`` counts: ``(count_fn or None for samples, settled)``.
+
+    A model computing its own loss over ``labels`` is counted by the positions that loss averages
+    over, checked against it on the first micro-batch of ``parts`` that can tell (``checkable``
+    False, as under FSDP2 whose forward all-gathers, trusts the model's class); until a check
+    settles it the class's rule is used and the caller asks again on its next batch. A ``loss_fn``
+    of the user's over a batch with ignored labels gets a warning that samples are counted."""
+    first = parts[0]
+    if loss_fn is not None:
+        if ignored_labels(first):
+            warn("the batch's labels have ignored positions (-100) but count_fn is not set, so every "
+                 "sample counts one item; if loss_fn averages over tokens, pass "
+                 "count_fn=autoaccum.count.labels() (shift=True for a causal LM)")
+        return None, True
+    rule = rule_for(model, first)
+    if rule is None:
+        log.info("autoaccum: counting samples as the items of each micro-batch")
+        return None, True
+    if not checkable:
+        found, why, settled = rule, "the model's class says so; not checked (its forward communicates)", True
+    else:
+        part = next((p for p in parts if int(rule(p)) > 0), first)
+        try:
+            found, why, settled = verify(model, to_device(part, device), rule)
+        except Exception as e:  # noqa: BLE001 - an OOM in the check: keep the class's rule unchecked
+            if not is_oom_error(e):
+                raise
+            release_memory(device)
+            found, why, settled = rule, "not checked: the check's forward ran out of memory", True
+    if found is None:
+        warn(f"autoaccum: {why}: the micro-batches are weighted by samples, which is exact only if the loss "
+             f"is a mean over samples; pass count_fn= to say what the loss averages over")
+    elif settled:
+        log.info("autoaccum: counting %s as the items of each micro-batch (%s)", found, why)
+    return found, settled
 
 
 def ignored_labels(micro_batch: Any, ignore_index: int = IGNORE_INDEX) -> bool:

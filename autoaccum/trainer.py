@@ -40,15 +40,14 @@ from .batchnorm import RunningStats
 from .buffer import GradBuffer
 from .distributed import Agreement, PeerFailure, PeerStopped, PreForward, Topology
 from .loss import LossFn, WeightedLoss, autocast, compute_loss
-from .memory import NotEnoughMemoryError, is_oom_error, release_memory
 from .checks import check_bool, check_count, check_int
+from .memory import NotEnoughMemoryError, release_memory
 from .plan import Plan
 from .plan import plan as make_plan
 from .progress import Progress
 from .recovery import Failure, Regrow, classify, not_enough_memory_message, smaller_micro_batch
 from .scaler import LossScaler
 from .update import OptimizerWrites, Updater, finalize
-from .warn import warn
 
 CountFn = Callable[[Any], Any]
 log = logging.getLogger("autoaccum")
@@ -237,8 +236,10 @@ class Trainer:
             self.plan.check_batch(n)
             sizes = self._sizes(n)
             parts = batching.split(batch, sizes)
-            if self._count_pending:
-                self._choose_count(parts)
+            if self._count_pending:        # no count_fn: decided on the first batch that can tell
+                self.count_fn, settled = count.choose(self.model, self.loss_fn, parts, self.device,
+                                                      checkable=not self.topology.shards_gradients)
+                self._count_pending = not settled
             counts = self._count(parts, sizes)
             self._check_collective_shape(counts)
         except (ValueError, TypeError) as e:
@@ -270,43 +271,6 @@ class Trainer:
         if self.topology.communicates_in_model and any(c == 0 for c in counts):
             raise ValueError("a micro-batch has no items (count_fn returned 0): with collectives inside the "
                              "model's forward every micro-batch must run on every rank; balance the batch")
-
-    def _choose_count(self, parts: list[Any]) -> None:
-        """Without ``count_fn``: a model computing its own loss over ``labels`` is counted by the
-        positions that loss averages over, checked against it on the first micro-batch that can
-        tell (until then the model's class decides); a ``loss_fn`` of the user's over a batch with
-        ignored labels gets a warning that samples are counted. Decided once, after it succeeded."""
-        first = parts[0]
-        if self.loss_fn is not None:
-            if count.ignored_labels(first):
-                warn("the batch's labels have ignored positions (-100) but count_fn is not set, so every "
-                     "sample counts one item; if loss_fn averages over tokens, pass "
-                     "count_fn=autoaccum.count.labels() (shift=True for a causal LM)")
-            self._count_pending = False
-            return
-        rule = count.rule_for(self.model, first)
-        if rule is None:
-            log.info("autoaccum: counting samples as the items of each micro-batch")
-            self._count_pending = False
-            return
-        if self.topology.shards_gradients:      # its forward all-gathers: no forward of one rank's own
-            found, why, settled = rule, "the model's class says so; not checked under FSDP2", True
-        else:
-            part = next((p for p in parts if int(rule(p)) > 0), first)
-            try:
-                found, why, settled = count.verify(self.model, batching.to_device(part, self.device), rule)
-            except Exception as e:  # noqa: BLE001 - an OOM in the check: keep the class's rule unchecked
-                if not is_oom_error(e):
-                    raise
-                release_memory(self.device)
-                found, why, settled = rule, "not checked: the check's forward ran out of memory", True
-        self.count_fn = found
-        self._count_pending = not settled
-        if found is None:
-            warn(f"autoaccum: {why}: the micro-batches are weighted by samples, which is exact only if the loss "
-                 f"is a mean over samples; pass count_fn= to say what the loss averages over")
-        elif settled:
-            log.info("autoaccum: counting %s as the items of each micro-batch (%s)", found, why)
 
     def _count(self, parts: list[Any], sizes: list[int]) -> list[float]:
         if self.count_fn is None:

@@ -1,4 +1,5 @@
 """The integrations: HF Trainer arguments from tune(), Lightning's AutoAccum callback, and their examples."""
+import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -76,32 +77,29 @@ def test_the_hf_example_runs():
 
 
 def lightning_module():
-    pl = pytest.importorskip("pytorch_lightning")
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
+    """The example's module, recording the micro-batch sizes its training_step sees (and returning its
+    optimizer as a dict, the other form configure_optimizers may take)."""
+    if importlib.util.find_spec("lightning") is None and importlib.util.find_spec("pytorch_lightning") is None:
+        pytest.skip("Lightning is not installed (pip install -e '.[test]')")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from lightning_autoaccum import Regressor, pl     # the Lightning the example (and AutoAccum) use
+    finally:
+        sys.path.pop(0)
 
-    class Regressor(pl.LightningModule):
-        def __init__(self, batch_size=8):
+    class Recording(Regressor):
+        def __init__(self):
             super().__init__()
-            self.batch_size = batch_size
-            self.net = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))   # per sample: 64 x 256
-            g = torch.Generator().manual_seed(0)
-            self.data = TensorDataset(torch.randn(256, 64, 256, generator=g), torch.randn(256, 64, 1, generator=g))
             self.seen = []
 
         def training_step(self, batch, batch_idx):
             self.seen.append(len(batch[0]))
-            loss = nn.functional.mse_loss(self.net(batch[0]), batch[1])
-            self.log("loss", loss)
-            return loss
+            return super().training_step(batch, batch_idx)
 
         def configure_optimizers(self):
-            return {"optimizer": torch.optim.AdamW(self.parameters(), lr=1e-3)}
+            return {"optimizer": super().configure_optimizers()}
 
-        def train_dataloader(self):
-            return DataLoader(self.data, batch_size=self.batch_size)
-
-    return pl, Regressor()
+    return pl, Recording()
 
 
 @pytest.mark.parametrize("budget, splits", [("8MiB", True), ("256MiB", False)])
@@ -132,7 +130,7 @@ def test_lightning_callback_needs_a_batch_size_to_set():
 
 
 def test_the_lightning_example_runs():
-    pytest.importorskip("pytorch_lightning")
+    lightning_module()                                   # skips without Lightning
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "lightning_autoaccum.py")], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
