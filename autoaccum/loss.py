@@ -91,7 +91,11 @@ class WeightedLoss:
         self.folded: torch.Tensor | None = None
 
     def add(self, loss: torch.Tensor, share: float) -> None:
-        if loss.untyped_storage().nbytes() <= self.KEEP_BYTES:
+        try:
+            small = loss.untyped_storage().nbytes() <= self.KEEP_BYTES
+        except (RuntimeError, NotImplementedError, AttributeError):   # a tensor subclass without one storage
+            small = False
+        if small:
             self.losses.append(loss)
             self.shares.append(share)
             return
