@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import batch as batching
-from . import count
+from . import checkpoint, count
 from . import rng as random_streams
 from .batchnorm import RunningStats
 from .buffer import GradBuffer
@@ -544,31 +544,12 @@ class Trainer:
         """Resume from :meth:`state_dict`. Load the model's state_dict first: the masters are
         adopted as they were saved, and the optimizer's fp32 state for them is not rounded. Every
         check runs before anything is loaded: a checkpoint that does not fit changes nothing."""
-        if not isinstance(state, dict) or "optimizer" not in state:
-            raise TypeError("state must be a dict from Trainer.state_dict() (with an 'optimizer' entry)")
         params = self._trainable()
-        masters = state.get("masters") or [None] * len(params)
-        if len(masters) != len(params):
-            raise ValueError(f"the checkpoint holds master weights for {len(masters)} parameters but "
-                             f"{len(params)} are trainable now; freeze/unfreeze as when it was saved")
-        for p, m in zip(params, masters):
-            if m is not None and tuple(m.shape) != tuple(p.shape):
-                raise ValueError(f"a master weight of shape {tuple(m.shape)} does not fit a parameter of "
-                                 f"shape {tuple(p.shape)}; is this checkpoint from another model?")
-        for name, part in (("scheduler", self.scheduler), ("scaler", self.scaler)):
-            if (state.get(name) is None) != (part is None):
-                raise ValueError(f"the checkpoint {'has no' if state.get(name) is None else 'has a'} {name} "
-                                 f"state but this trainer {'has' if part is not None else 'has no'} {name}")
-        saved_plan = self._check_saved_plan(state.get("plan"))
-        streams = random_streams.from_dict(state["rng"]) if state.get("rng") is not None else None
-        for name in ("steps", "skipped_steps", "oom_retries"):
-            if name in state:
-                check_int(f"the checkpoint's {name!r}", state[name], minimum=0)
-        if state.get("regrow") is not None and set(state["regrow"]) != {"after", "wait", "clean", "last_good"}:
-            raise ValueError("the checkpoint's 'regrow' entry is not one Trainer.state_dict() wrote")
-        if not self.updater.master_weights:
-            masters = [None] * len(params)   # this trainer steps the parameters themselves: state in their dtype
-        with self.updater.masters_in_place(params, masters):
+        shape = self.plan if self.plan is not None else self._sizer.pending
+        ckpt = checkpoint.check(state, params=params, scheduler=self.scheduler, scaler=self.scaler,
+                                target_batch=shape.target_batch, world_size=shape.world_size)
+        masters = ckpt.masters if self.updater.master_weights else [None] * len(params)   # else: the
+        with self.updater.masters_in_place(params, masters):     # parameters' own dtype for the state
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -577,27 +558,15 @@ class Trainer:
         self.steps = state.get("steps", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
         self.oom_retries = state.get("oom_retries", 0)
-        if saved_plan is not None:
+        if ckpt.plan is not None:
             if self.plan is None:
-                self._adopt(saved_plan)              # sized when it was saved: nothing left to probe
-            self.plan = saved_plan
-            self.max_micro_batch = state.get("max_micro_batch", saved_plan.micro_batch)
+                self._adopt(ckpt.plan)              # sized when it was saved: nothing left to probe
+            self.plan = ckpt.plan
+            self.max_micro_batch = state.get("max_micro_batch") or ckpt.plan.micro_batch
         if state.get("regrow") is not None:
             self._regrow.load_state_dict(state["regrow"])
-        if streams is not None:
-            random_streams.restore(streams)
-
-    def _check_saved_plan(self, saved: dict | None) -> Plan | None:
-        """The checkpoint's plan, if it fits this trainer's effective batch and world size."""
-        if saved is None:
-            return None
-        target, world = (self.plan.target_batch, self.plan.world_size) if self.plan is not None else (
-            self._sizer.pending.target_batch, self._sizer.pending.world_size)
-        if (saved["target_batch"], saved["world_size"]) != (target, world):
-            raise ValueError(f"the checkpoint was saved with target_batch={saved['target_batch']} on "
-                             f"{saved['world_size']} rank(s), this trainer has target_batch={target} on {world}; "
-                             f"resume with the same effective batch and world size")
-        return make_plan(saved["target_batch"], saved["micro_batch"], saved["world_size"])
+        if ckpt.streams is not None:
+            random_streams.restore(ckpt.streams)
 
     def close(self) -> None:
         """Take the gradient buffer's hooks off the parameters and free the buffer. They are inert

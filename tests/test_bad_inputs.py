@@ -304,6 +304,10 @@ CASES = [
      ValueError, "'rng' entry"),
     ("load_state_dict regrow", lambda w: w.trainer.load_state_dict({**w.trainer.state_dict(), "regrow": {}}),
      ValueError, "'regrow' entry"),
+    ("load_state_dict plan malformed", lambda w: w.trainer.load_state_dict({**w.trainer.state_dict(), "plan": {"x": 1}}),
+     ValueError, "'plan' entry"),
+    ("load_state_dict max_micro str", lambda w: w.trainer.load_state_dict(
+        {**w.trainer.state_dict(), "max_micro_batch": "8"}), TypeError, "'max_micro_batch'"),
     ("load_state_dict steps str", lambda w: w.trainer.load_state_dict({**w.trainer.state_dict(), "steps": "x"}),
      TypeError, "'steps'"),
     ("load_state_dict rng", lambda w: w.trainer.load_state_dict(
