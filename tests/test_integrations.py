@@ -135,3 +135,19 @@ def test_the_lightning_example_runs():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "accumulate_grad_batches=" in r.stdout and "steps=2" in r.stdout
+
+
+def test_tune_leaves_the_random_streams_and_the_model_alone():
+    import random
+
+    import numpy as np
+    model = gpt2()
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    streams = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    weights = [p.detach().clone() for p in model.parameters()]
+    tune(hf_args(seed=1234), model, batch(16), memory_budget="20MiB", cache=False)
+    assert torch.equal(streams[0], torch.get_rng_state()) and np.array_equal(streams[1], np.random.get_state()[1])
+    assert streams[2] == random.getstate()
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))

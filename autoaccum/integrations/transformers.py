@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import rng as random_streams
 from ..checks import check_int
 from ..probe import ProbeResult, probe
 from . import largest_divisor_at_most
@@ -56,9 +57,16 @@ def tune(args: Any, model: nn.Module, sample: Any, *, target_batch: int | None =
 
 
 def _probe(args, model: nn.Module, sample: Any, per_rank: int, memory_budget, cache: bool) -> ProbeResult:
-    """The probe with HF's own optimizer for ``args`` and its precision; the model's own loss."""
+    """The probe with HF's own optimizer for ``args`` and its precision; the model's own loss. The
+    optimizer is made the way ``Trainer.create_optimizer`` makes it, without constructing a Trainer
+    (whose ``__init__`` reseeds every random stream with ``args.seed``)."""
     import transformers
-    optimizer = transformers.Trainer(model=model, args=args).create_optimizer()
+    streams = random_streams.capture()
+    try:
+        cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
+        optimizer = cls([p for p in model.parameters() if p.requires_grad], **kwargs)
+    finally:
+        random_streams.restore(streams)
     amp = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     device = next(model.parameters()).device
     return probe(model, sample, optimizer=optimizer, amp_dtype=amp, device=device, max_micro_batch=per_rank,
