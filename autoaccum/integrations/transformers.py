@@ -1,8 +1,8 @@
 """``tune(args, model, sample)``: Hugging Face Trainer arguments sized by autoaccum's probe.
 
 The probe runs a real training step of ``model`` with its own loss and the optimizer HF's Trainer
-builds from ``args`` (the class and arguments ``Trainer.create_optimizer`` uses), under ``args``' precision, and finds the
-largest micro-batch that fits. HF accumulates equal micro-batches only and divides the loss by
+builds from ``args`` (the class and arguments ``Trainer.create_optimizer`` uses), under
+``args``' precision, and finds the largest micro-batch that fits. HF accumulates equal micro-batches only and divides the loss by
 the accumulation steps (its ``num_items_in_batch`` fixes token counts for causal LMs), so the
 micro-batch is the largest one that fits and divides the per-rank batch.
 """
