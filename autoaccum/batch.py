@@ -128,14 +128,6 @@ def on_device(batch: Any, device: torch.device) -> bool:
     return found[0]
 
 
-def _offsets(sizes: list[int]) -> list[int]:
-    out, total = [], 0
-    for s in sizes:
-        out.append(total)
-        total += s
-    return out
-
-
 def _slice(batch: Any, start: int, stop: int) -> Any:
     return map_leaves(batch, lambda leaf: leaf[start:stop])
 

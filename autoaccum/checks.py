@@ -180,8 +180,8 @@ def check_count(value: Any, what: str) -> float:
     import numpy as np
     import torch
     hint = "count_fn must return the number of items, e.g. (labels != -100).sum()"
-    if isinstance(value, (np.ndarray, np.generic)) and not isinstance(value, np.bool_):
-        value = torch.from_numpy(np.asarray(value)) if np.asarray(value).dtype.kind in "iuf" else value
+    if isinstance(value, (np.ndarray, np.generic)) and np.asarray(value).dtype.kind in "iuf":
+        value = torch.from_numpy(np.asarray(value))        # numeric numpy: checked as a tensor below
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{what} returned a tensor of shape {tuple(value.shape)}; {hint} (one number)")

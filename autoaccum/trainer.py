@@ -39,8 +39,8 @@ from . import rng as random_streams
 from .batchnorm import RunningStats
 from .buffer import GradBuffer
 from .distributed import Agreement, PeerFailure, PeerStopped, PreForward, Topology
-from .loss import LossFn, WeightedLoss, autocast, compute_loss
 from .checks import check_bool, check_count, check_int
+from .loss import LossFn, WeightedLoss, autocast, compute_loss
 from .memory import NotEnoughMemoryError, release_memory
 from .plan import Plan
 from .plan import plan as make_plan
@@ -162,7 +162,7 @@ class Trainer:
                     break
                 retries += 1
                 self._recover(attempt, events)          # raises unless this was a recoverable OOM
-                random_streams.restore(streams)                    # the retry sees the stream a first attempt would
+                random_streams.restore(streams)         # the retry sees the stream a first attempt would
                 _, parts, counts, _ = self._prepare(batch)   # the new split's counts; the total is the same
             self._running_stats.end()
             if self.topology.syncs_buffer:

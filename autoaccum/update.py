@@ -145,8 +145,7 @@ def _norms(params: list[torch.Tensor]) -> list[torch.Tensor]:
     for p in params:
         groups.setdefault((p.device, p.dtype), []).append(p.detach())
     with torch.no_grad():
-        return [n for ts in groups.values() for n in torch._foreach_norm(ts, 2, dtype=torch.float64)
-                ] if groups else []
+        return [n for ts in groups.values() for n in torch._foreach_norm(ts, 2, dtype=torch.float64)]
 
 
 def _match_state(optimizer, p: nn.Parameter, master: torch.Tensor) -> None:

@@ -24,6 +24,7 @@ measure of this machine's speed, and of what any per-tensor Python costs here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -68,7 +69,7 @@ def stub_launches() -> None:
         setattr(tri_acc, name, _NoLaunch())
     for name in ("_partials_kernel", "_combine_kernel", "_scale_kernel"):
         setattr(tri_fin, name, _NoLaunch())
-    kernels._cuda = lambda device: (_NoExtension(), 0)
+    kernels._cuda = lambda device: contextlib.nullcontext((_NoExtension(), 0))
     kernels.cuda_ext.available = lambda: True
 
 

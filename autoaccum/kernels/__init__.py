@@ -16,6 +16,7 @@ tensors runs Triton's interpreter when ``TRITON_INTERPRET=1`` (that is how CI te
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -76,10 +77,10 @@ def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
         from . import accumulate as tri
         tri.accumulate_(acc, grad, w, assign, acc.device)
     else:
-        mod, stream = _cuda(acc.device)
-        for dtype, idx in table.split(grad):
-            mod.accumulate(_host(acc, "ptrs", idx), _host(grad, "ptrs", idx), _host(acc, "numels", idx),
-                           _CODES[dtype], w, bool(assign), stream)
+        with _cuda(acc.device) as (mod, stream):
+            for dtype, idx in table.split(grad):
+                mod.accumulate(_host(acc, "ptrs", idx), _host(grad, "ptrs", idx), _host(acc, "numels", idx),
+                               _CODES[dtype], w, bool(assign), stream)
 
 
 def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Tensor = 1.0,
@@ -103,10 +104,7 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
         return zero, zero.clone()
     if facts is None:
         facts = group.facts_of(grads, key, check=lambda ts: _check_tensors(ts, "grads", where))
-    if not facts.dtype_set <= _GRAD_SET:
-        bad = facts.first(_GRAD_SET.__contains__)
-        raise TypeError(f"grads[{_at(where, bad)}] is {facts.dtypes[bad]}; gradients must be bfloat16, float16, "
-                        f"float32 or float64")
+    _check_grad_dtypes(facts, where)
     if facts.device is None:
         raise ValueError(f"grads are on several devices ({sorted(map(str, facts.devices))}); "
                          f"finalize one device at a time")
@@ -121,12 +119,12 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
         from . import finalize as tri
         norm, found, _ = tri.finalize_(facts, inv, max_norm, apply, device)
         return norm, found
-    mod, stream = _cuda(device)
     parts = table.split(facts)
     result = torch.empty(3, dtype=torch.float32, device=device)
-    mod.finalize([_host(facts, "ptrs", idx) for _, idx in parts], [_host(facts, "numels", idx) for _, idx in parts],
-                 [_CODES[d] for d, _ in parts], inv, -1.0 if max_norm is None else float(max_norm), bool(apply),
-                 result, stream)
+    with _cuda(device) as (mod, stream):
+        mod.finalize([_host(facts, "ptrs", idx) for _, idx in parts],
+                     [_host(facts, "numels", idx) for _, idx in parts], [_CODES[d] for d, _ in parts], inv,
+                     -1.0 if max_norm is None else float(max_norm), bool(apply), result, stream)
     return result[0], result[1]
 
 
@@ -166,10 +164,7 @@ def _check_pairs(acc: group.Facts, grad: group.Facts, accs: list, grads: list, w
     if not acc.dtype_set <= _ACC_SET:
         bad = acc.first(_ACC_SET.__contains__)
         raise TypeError(f"accs[{_at(where, bad)}] is {acc.dtypes[bad]}; accumulators must be float32 (or float64)")
-    if not grad.dtype_set <= _GRAD_SET:
-        bad = grad.first(_GRAD_SET.__contains__)
-        raise TypeError(f"grads[{_at(where, bad)}] is {grad.dtypes[bad]}; gradients must be bfloat16, float16, "
-                        f"float32 or float64")
+    _check_grad_dtypes(grad, where)
     if torch.float64 in grad.dtype_set and acc.dtype_set != {torch.float64}:
         for i, (a, g) in enumerate(zip(acc.dtypes, grad.dtypes)):
             if g == torch.float64 and a != torch.float64:
@@ -195,6 +190,13 @@ def _check_pairs(acc: group.Facts, grad: group.Facts, accs: list, grads: list, w
                          f"accumulator needs its own memory")
     if acc.cached and grad.cached:
         acc.cache["checked with"] = grad
+
+
+def _check_grad_dtypes(grad: group.Facts, where: list[int] | None) -> None:
+    if not grad.dtype_set <= _GRAD_SET:
+        bad = grad.first(_GRAD_SET.__contains__)
+        raise TypeError(f"grads[{_at(where, bad)}] is {grad.dtypes[bad]}; gradients must be bfloat16, float16, "
+                        f"float32 or float64")
 
 
 def _check_inv_scale(inv_scale) -> None:
@@ -259,12 +261,12 @@ def _host(facts: group.Facts, what: str, idx) -> torch.Tensor:
     return hit
 
 
+@contextlib.contextmanager
 def _cuda(device: torch.device):
-    """The extension and the current stream of ``device``, made the current device (the binding
-    launches on the current device)."""
-    if device.index is not None and device.index != torch.cuda.current_device():
-        torch.cuda.set_device(device)
-    return cuda_ext.load(), torch.cuda.current_stream(device).cuda_stream
+    """Within: ``device`` is the current device (the binding launches there), and this yields the
+    extension and that device's current stream; after: the caller's current device as it was."""
+    with torch.cuda.device(device):
+        yield cuda_ext.load(), torch.cuda.current_stream(device).cuda_stream
 
 
 @functools.cache

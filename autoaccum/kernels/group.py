@@ -30,7 +30,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from .layout import dense_order
+from .layout import dense_order, in_memory_order
 
 MAX_ENTRIES = 64
 _DTYPE = operator.attrgetter("dtype")
@@ -133,7 +133,7 @@ def facts_of(tensors: list[torch.Tensor], key: tuple[int, ...] | None = None, ch
     """The facts about ``tensors`` (a list of tensors, no None; ``key`` its :func:`key_of`), cached by
     identity when seen twice. ``check(tensors)`` runs before facts are made, not on a cache hit."""
     if key is None:
-        key = tuple(map(id, tensors))
+        key = key_of(tensors)
     hit = cached(key, tensors)
     if hit is not None:
         return hit
@@ -172,10 +172,9 @@ def _remember(key: tuple[int, ...], facts: Facts, tensors: list[torch.Tensor]) -
 
 
 def _memory_order(t: torch.Tensor) -> list[int] | bool:
-    if any(s < 0 for s in t.stride()):
-        return False
+    """The permutation that makes a non-contiguous ``t`` contiguous, or False (gaps or overlaps)."""
     order = dense_order(t)
-    return order if t.permute(order).is_contiguous() else False
+    return order if in_memory_order(t, order) is not None else False
 
 
 def _anchors(tensors: list[torch.Tensor], numels: np.ndarray) -> list[tuple[int, int]]:
