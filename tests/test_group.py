@@ -114,3 +114,12 @@ def test_none_gradients_in_a_list_that_is_otherwise_cached():
     assert torch.equal(accs[0], grads[0]) and torch.equal(accs[1], 2 * grads[1])
     with pytest.raises(TypeError, match=r"grads\[2\]"):
         kernels.finalize_([None, grads[1], "x"])
+
+
+def test_forget_drops_every_entry():
+    grads = [torch.randn(3), torch.randn(4)]
+    for _ in range(2):
+        kernels.finalize_(grads, 1.0, None)
+    assert group.cached(group.key_of(grads), grads) is not None
+    kernels.forget()
+    assert group.cached(group.key_of(grads), grads) is None
