@@ -1,6 +1,7 @@
 """Trainer overhead: ``Trainer.step`` against the fastest correct hand-written accumulation loop.
 
-The hand loop runs the same micro-batches as the trainer's plan: ``loss_i * items_i / items``,
+The hand loop runs the same micro-batches as the trainer's plan, cut from the batch each step
+as a user's loop must (``torch.split`` per tensor): ``loss_i * items_i / items``,
 ``backward``, ``clip_grad_norm_(foreach=True)`` when clipping, ``step``,
 ``zero_grad(set_to_none=True)``. Both run interleaved in one process on twin models, CPU time
 (``time.process_time``) on the CPU or synchronised wall time on CUDA, median of ``--repeat``
@@ -27,7 +28,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import autoaccum  # noqa: E402
-from autoaccum.batch import split  # noqa: E402
 from autoaccum.demo import TinyGPT, count_tokens, lm_loss, make_batch  # noqa: E402
 
 
@@ -73,8 +73,13 @@ def cases(scale: float):
     }
 
 
-def hand_step(model, opt, parts, loss_fn, count_fn, max_grad_norm):
-    """The loop a careful user writes: weights by items, one clip, one step."""
+def hand_step(model, opt, batch, sizes, loss_fn, count_fn, max_grad_norm):
+    """The loop a careful user writes: cut the batch (``torch.split`` per tensor), weight by items,
+    one clip, one step."""
+    if isinstance(batch, dict):
+        parts = [dict(zip(batch, row)) for row in zip(*(v.split(sizes) for v in batch.values()))]
+    else:
+        parts = list(zip(*(t.split(sizes) for t in batch)))
     counts = [float(count_fn(p)) if count_fn else float(len(p[0]) if isinstance(p, tuple) else len(next(iter(p.values()))))
               for p in parts]
     total = sum(counts)
@@ -109,11 +114,11 @@ def run_case(name, case, device, steps, repeat):
     trainer = autoaccum.fit(ours, autoaccum.batch.batch_size(batch), torch.optim.AdamW(ours.parameters(), lr=1e-3),
                             loss_fn=loss_fn, count_fn=count_fn, micro_batch=micro, max_grad_norm=clip)
     opt = torch.optim.AdamW(theirs.parameters(), lr=1e-3)
-    parts = split(batch, trainer.plan.micro_batches)
+    sizes = trainer.plan.micro_batches
     rounds = []
     for _ in range(repeat):   # interleaved: drift in the machine's speed hits both alike
         a = timed(lambda: trainer.step(batch), steps, device)
-        b = timed(lambda: hand_step(theirs, opt, parts, loss_fn, count_fn, clip), steps, device)
+        b = timed(lambda: hand_step(theirs, opt, batch, sizes, loss_fn, count_fn, clip), steps, device)
         rounds.append((a, b))
     ratio = statistics.median(a / b for a, b in rounds)
     diff = max((p - q).abs().max().item() for p, q in zip(ours.parameters(), theirs.parameters()))
