@@ -16,6 +16,7 @@ is rounded; state that did come back in bf16 is cast to fp32 again before the st
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,8 @@ from torch import nn
 
 from . import kernels
 from .warn import warn
+
+_VERSION = operator.attrgetter("_version")
 
 
 class Updater:
@@ -111,20 +114,18 @@ class OptimizerWrites:
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.params = [(p, p._version) for p in params]
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.state = {k: dict(v) for k, v in optimizer.state.items()}
-        self.tensors = [(t, t._version) for v in self.state.values() for t in v.values()
-                        if isinstance(t, torch.Tensor)]
-        self.fingerprint = _norms(params) if not _versions_tell(optimizer) else None
+        self.tensors = [*self.params, *(t for v in self.state.values() for t in v.values() if isinstance(t, torch.Tensor))]
+        self.versions = list(map(_VERSION, self.tensors))
+        self.fingerprint = _norms(self.params) if not _versions_tell(optimizer) else None
 
     def wrote(self) -> bool:
-        if any(p._version != v for p, v in self.params) or any(t._version != v for t, v in self.tensors):
+        if list(map(_VERSION, self.tensors)) != self.versions:
             return True
         if self.fingerprint is None:
             return False
-        params = [p for p, _ in self.params]
-        return any(not torch.equal(a, b) for a, b in zip(self.fingerprint, _norms(params)))
+        return any(not torch.equal(a, b) for a, b in zip(self.fingerprint, _norms(self.params)))
 
     def undo(self) -> None:
         """The optimizer's state as it was (entries it created or replaced go; nothing was written in place)."""
@@ -227,4 +228,4 @@ def _norm(grads: list[torch.Tensor], inv_scale, backend) -> tuple[torch.Tensor, 
 
 def _local(g: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor gradient (FSDP2); plain tensors as they are."""
-    return g.to_local() if hasattr(g, "to_local") else g
+    return g if type(g) is torch.Tensor or not hasattr(g, "to_local") else g.to_local()

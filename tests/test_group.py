@@ -51,9 +51,10 @@ def test_a_repeated_list_is_checked_once(monkeypatch):
 def test_the_cache_holds_no_tensor_and_forgets_freed_ones():
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(n, generator=gen) for n in (3, 4000)]
+    accs = views([3, 4000], gen)
     key = group.key_of(grads)
     for _ in range(2):
-        kernels.finalize_(grads, 1.0, None)
+        kernels.accumulate_(accs, grads, 1.0)
     assert group.cached(key, grads) is not None
     ref = weakref.ref(grads[1])
     del grads
@@ -118,8 +119,9 @@ def test_none_gradients_in_a_list_that_is_otherwise_cached():
 
 def test_forget_drops_every_entry():
     grads = [torch.randn(3), torch.randn(4)]
+    accs = [torch.zeros(3), torch.zeros(4)]
     for _ in range(2):
-        kernels.finalize_(grads, 1.0, None)
+        kernels.accumulate_(accs, grads, 1.0)
     assert group.cached(group.key_of(grads), grads) is not None
     kernels.forget()
     assert group.cached(group.key_of(grads), grads) is None

@@ -102,6 +102,9 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
         _check_inv_scale(inv_scale)
         zero = torch.zeros((), dtype=torch.float32)
         return zero, zero.clone()
+    if facts is None and _plain(grads, backend):   # the torch path needs no launch facts
+        _check_inv_scale(inv_scale)
+        return reference.finalize_(list(grads), inv_scale, max_norm, apply)
     if facts is None:
         facts = group.facts_of(grads, key, check=lambda ts: _check_tensors(ts, "grads", where))
     _check_grad_dtypes(facts, where)
@@ -126,6 +129,19 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
                      [_host(facts, "numels", idx) for _, idx in parts], [_CODES[d] for d, _ in parts], inv,
                      -1.0 if max_norm is None else float(max_norm), bool(apply), result, stream)
     return result[0], result[1]
+
+
+def _plain(grads: Sequence[torch.Tensor], backend: str | None) -> bool:
+    """Will ``grads`` take the torch path, and are they fit for it (tensors of gradient dtypes on one
+    device)? Then no facts are made: on the CPU, fresh gradients every step would pay for them
+    (about 1 µs per tensor) only to be told to use torch. Anything unusual goes the long way,
+    whose checks name the culprit."""
+    choice = backend or os.environ.get("AUTOACCUM_BACKEND") or None
+    first = grads[0]
+    if not isinstance(first, torch.Tensor) or not (choice == "torch" or (choice is None and first.device.type != "cuda")):
+        return False
+    return (all(issubclass(t, torch.Tensor) for t in set(map(type, grads)))
+            and set(map(group.DTYPE, grads)) <= _GRAD_SET and len(set(map(group.DEVICE, grads))) == 1)
 
 
 # ---------------------------------------------------------------- checks: before anything is written

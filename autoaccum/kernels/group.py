@@ -33,9 +33,9 @@ import torch
 from .layout import dense_order, in_memory_order
 
 MAX_ENTRIES = 64
-_DTYPE = operator.attrgetter("dtype")
+DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
-_DEVICE = operator.attrgetter("device")
+DEVICE = operator.attrgetter("device")
 NONE_ID = id(None)
 
 _entries: OrderedDict[tuple[int, ...], "Facts"] = OrderedDict()
@@ -56,10 +56,10 @@ class Facts:
 
     def __init__(self, tensors: list[torch.Tensor]):
         self.n = len(tensors)
-        self.dtypes = list(map(_DTYPE, tensors))
+        self.dtypes = list(map(DTYPE, tensors))
         self.dtype_set = frozenset(self.dtypes)
         self.shapes = list(map(_SHAPE, tensors))
-        self.devices = set(map(_DEVICE, tensors))
+        self.devices = set(map(DEVICE, tensors))
         self.device = next(iter(self.devices)) if len(self.devices) == 1 else None
         contiguous = list(map(torch.Tensor.is_contiguous, tensors))
         self.contiguous = all(contiguous)

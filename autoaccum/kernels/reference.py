@@ -81,7 +81,8 @@ def host_norm(grads: list[torch.Tensor], inv_scale) -> float:
             squares = torch.stack([torch.dot(v, v) for v in (g.view(-1) for g in large)]).tolist()
             values += [math.sqrt(x) if x >= 0 else x for x in squares]   # nan stays nan
         if rest:
-            values += torch.stack(_foreach_norm(rest, dtype)).tolist()
+            norms = _foreach_norm(rest, dtype)
+            values += [n.item() for n in norms] if len(norms) <= 16 else torch.stack(norms).tolist()
         ordered += large + rest
     for i, v in enumerate(values):
         if not math.isfinite(v) or v < RESCUE_BELOW:
@@ -123,8 +124,8 @@ def finalize_(grads: list[torch.Tensor], inv_scale, max_norm: float | None, appl
             if scale != 1.0:                  # nothing clipped or unscaled: no write
                 for gs in _by_dtype(grads).values():
                     torch._foreach_mul_(gs, scale)
-        return (torch.tensor(math.inf if found else norm, dtype=torch.float32),
-                torch.tensor(1.0 if found else 0.0, dtype=torch.float32))
+        return (torch.scalar_tensor(math.inf if found else norm, dtype=torch.float32),
+                torch.scalar_tensor(1.0 if found else 0.0, dtype=torch.float32))
     norm, found_inf = norm_and_flag(grads, inv_scale)
     if apply:
         scale = torch.where(found_inf > 0, 1.0, clip_scale(norm, inv_scale, max_norm))
@@ -134,6 +135,9 @@ def finalize_(grads: list[torch.Tensor], inv_scale, max_norm: float | None, appl
 
 
 def _by_dtype(grads: list[torch.Tensor]) -> dict:
+    first = grads[0]
+    if all(g.dtype == first.dtype and g.device == first.device for g in grads):   # the usual case
+        return {(first.device, first.dtype): grads}
     groups: dict = defaultdict(list)
     for g in grads:
         groups[(g.device, g.dtype)].append(g)
