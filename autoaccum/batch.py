@@ -22,7 +22,12 @@ def batch_size(batch: Any, *, name: str = "batch") -> int:
     Raises ``ValueError`` when tensors disagree on dim 0 or there is no sample, and ``TypeError``
     for leaves that cannot be split; the message names the leaf (e.g. ``batch['labels']``).
     """
-    sizes: list[tuple[str, int]] = []
+    flat = _flat(batch)
+    if flat:                       # the common batch: one check per tensor, no paths built
+        n = flat[0].shape[0] if flat[0].dim() else 0
+        if n and all(t.dim() and t.shape[0] == n for t in flat):
+            return n
+    sizes: list[tuple[str, int]] = []       # the long way: it names the leaf at fault
 
     def visit(leaf: _Leaf, path: str) -> None:
         sizes.append((path, leaf.shape[0]))
@@ -66,12 +71,12 @@ def split(batch: Any, sizes: list[int]) -> list[Any]:
     if sum(sizes) != n or any(s <= 0 for s in sizes):
         raise ValueError(f"sizes {sizes} must be positive and sum to the batch's {n} samples")
     if isinstance(batch, torch.Tensor):
-        return list(batch.split(sizes))
+        return list(batch.split_with_sizes(sizes))
     kind = type(batch)
     if kind in (tuple, list, dict):   # the common flat batches: no container rebuilt leaf by leaf
         values = list(batch.values()) if kind is dict else batch
         if all(isinstance(v, torch.Tensor) for v in values):
-            columns = zip(*(v.split(sizes) for v in values))
+            columns = zip(*(v.split_with_sizes(sizes) for v in values))
             if kind is dict:
                 return [dict(zip(batch.keys(), row)) for row in columns]
             return [kind(row) for row in columns]
@@ -118,6 +123,9 @@ def to_device(batch: Any, device: torch.device, *, non_blocking: bool = True) ->
 
 def on_device(batch: Any, device: torch.device) -> bool:
     """Is every leaf already a tensor on ``device``? Then :func:`to_device` would change nothing."""
+    flat = _flat(batch)
+    if flat is not None:
+        return all(t.device == device for t in flat)
     found = [True]
 
     def visit(leaf: _Leaf, path: str) -> None:
@@ -126,6 +134,18 @@ def on_device(batch: Any, device: torch.device) -> bool:
 
     _walk(batch, "batch", visit)
     return found[0]
+
+
+def _flat(batch: Any) -> list[torch.Tensor] | None:
+    """The tensors of a tensor, or of a plain tuple/list/dict holding only tensors; else None."""
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    kind = type(batch)
+    if kind is tuple or kind is list or kind is dict:
+        values = list(batch.values()) if kind is dict else batch
+        if all(isinstance(v, torch.Tensor) for v in values):
+            return list(values)
+    return None
 
 
 def _slice(batch: Any, start: int, stop: int) -> Any:
