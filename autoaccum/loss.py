@@ -5,6 +5,7 @@ Shared by the trainer and the memory probe, so a probe trial runs exactly what t
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -78,38 +79,50 @@ def check_loss(loss: Any, index: int, from_model: bool) -> torch.Tensor:
 
 
 class WeightedLoss:
-    """The step's loss ``sum(share_i * loss_i)`` in few ops: detached losses are kept and summed at
-    the end (one multi-tensor multiply, one float64 sum), instead of two ops per micro-batch. A
-    loss that owns a large storage (CPU ``mse_loss`` reduces in place in its elementwise buffer)
-    is folded in at once, so that memory does not live into the next micro-batch."""
+    """The step's loss ``sum(share_i * loss_i)`` in few ops.
+
+    On the CPU each loss is read as a Python float at once (no device to wait for) and the sum
+    is exact to float64 (``math.fsum``). Elsewhere, detached losses are kept and summed at the
+    end (one multi-tensor multiply, one float64 sum), instead of two ops per micro-batch: nothing
+    waits for the device. A loss that owns a large storage (CPU ``mse_loss`` reduces in place in
+    its elementwise buffer) is folded in at once, so that memory does not live into the next
+    micro-batch."""
 
     KEEP_BYTES = 64
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.host = device.type == "cpu"
+        self.device = device
+        self.values: list[float] = []       # on the CPU: share_i * loss_i
         self.losses: list[torch.Tensor] = []
         self.shares: list[float] = []
         self.folded: torch.Tensor | None = None
 
     def add(self, loss: torch.Tensor, share: float) -> None:
+        if self.host:
+            self.values.append(loss.item() * share)
+            return
         try:
             small = loss.untyped_storage().nbytes() <= self.KEEP_BYTES
         except (RuntimeError, NotImplementedError, AttributeError):   # a tensor subclass without one storage
             small = False
         if small:
-            self.losses.append(loss)
+            self.losses.append(loss.detach())
             self.shares.append(share)
             return
         if self.folded is None:
             self.folded = torch.zeros((), dtype=torch.float64, device=loss.device)
-        self.folded.add_(loss, alpha=share)
+        self.folded.add_(loss.detach(), alpha=share)
 
-    def total(self, device: torch.device) -> torch.Tensor:
-        """The weighted sum as a 0-dim float64 tensor (0 when nothing was added)."""
+    def total(self) -> torch.Tensor | float:
+        """The weighted sum in float64: a float on the CPU, else a 0-dim tensor (0 when nothing was added)."""
+        if self.host:
+            return math.fsum(self.values)
         total = self.folded
         if self.losses:
             kept = torch.stack(torch._foreach_mul(self.losses, self.shares)).sum(dtype=torch.float64)
             total = kept if total is None else total + kept
-        return total if total is not None else torch.zeros((), dtype=torch.float64, device=device)
+        return total if total is not None else torch.zeros((), dtype=torch.float64, device=self.device)
 
 
 def _keyword_model(model: nn.Module) -> bool:
