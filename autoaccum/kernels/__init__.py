@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 import os
 from collections.abc import Sequence
 
@@ -35,6 +36,7 @@ _FAST_SET = frozenset((torch.float32, torch.float16, torch.bfloat16))
 _GRAD_SET = _FAST_SET | {torch.float64}
 _ACC_SET = frozenset((torch.float32, torch.float64))
 _F32_SET = frozenset((torch.float32,))
+_IS_CPU = operator.attrgetter("is_cpu")
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # csrc/launchers.h GradDType
 
 
@@ -141,7 +143,8 @@ def _plain(grads: Sequence[torch.Tensor], backend: str | None) -> bool:
     if not isinstance(first, torch.Tensor) or not (choice == "torch" or (choice is None and first.device.type != "cuda")):
         return False
     return (all(issubclass(t, torch.Tensor) for t in set(map(type, grads)))
-            and set(map(group.DTYPE, grads)) <= _GRAD_SET and len(set(map(group.DEVICE, grads))) == 1)
+            and set(map(group.DTYPE, grads)) <= _GRAD_SET
+            and (all(map(_IS_CPU, grads)) if first.is_cpu else len(set(map(group.DEVICE, grads))) == 1))
 
 
 # ---------------------------------------------------------------- checks: before anything is written

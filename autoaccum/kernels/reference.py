@@ -9,12 +9,23 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 
 import torch
 
 CLIP_EPS = 1e-6  # clip_grad_norm_'s epsilon
-RESCUE_BELOW = 1e-10   # a per-tensor fp32 norm below this is recomputed in float64
+# A square below fp32's smallest normal (2**-126) loses digits or is flushed to zero, so an fp32
+# sum of squares over n elements may miss up to n * 2**-126. That is below 2**-24 of the total
+# whenever total**2 >= n_total * UNDERFLOW_BOUND: then nothing is read again. Only gradients
+# that are tiny as a whole (a few nano-units at a billion elements) have their small tensors
+# re-read in float64; a fixed per-tensor threshold re-read every layer of a deep network with
+# vanishing gradients, every step.
+UNDERFLOW_BOUND = 2.0 ** -102
+SURELY_CLEAR = UNDERFLOW_BOUND * 2.0 ** 63    # a sum of squares this large needs no check (any numel)
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_IS_CPU = operator.attrgetter("is_cpu")
 DOT_FROM = 1 << 16     # fp32 tensors this large are squared by BLAS's dot
 
 
@@ -40,9 +51,9 @@ def norm_and_flag(grads: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, t
 
     One read: per-tensor sums of squares with fp32 accumulation, combined in float64 (float64
     tensors accumulate in float64): BLAS's ``dot`` for large fp32 tensors, ``_foreach_norm`` for
-    the rest. A tensor whose fp32 sum overflowed (inf) or may have underflowed (norm below
-    ``RESCUE_BELOW``: squares near fp32's smallest normal lose digits) is read again in float64;
-    a real inf/nan stays inf/nan. Relative error against a float64 reference: 4e-8 at 10M and
+    the rest. A tensor whose fp32 sum overflowed (inf) is read again in float64 (a real inf/nan
+    stays inf/nan); so is one that may have lost digits to underflow, when that could show in the
+    total (``UNDERFLOW_BOUND``). Relative error against a float64 reference: 4e-8 at 10M and
     7e-7 at 100M elements (``clip_grad_norm_``: 2e-7 and 6e-6; benchmarks/bench_reference.py).
     On the CPU the per-tensor norms are combined in Python floats (every op is synchronous there,
     and a dozen tiny tensor ops would cost more than a small model's norms); elsewhere on the
@@ -54,6 +65,12 @@ def norm_and_flag(grads: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, t
         found = not math.isfinite(norm)
         return (torch.tensor(math.inf if found else norm, dtype=torch.float64),
                 torch.tensor(1.0 if found else 0.0, dtype=torch.float32))
+    return device_norm_and_flag(grads, inv_scale, device)
+
+
+def device_norm_and_flag(grads: list[torch.Tensor], inv_scale, device: torch.device
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`norm_and_flag` combined on the device (any device; the CPU takes :func:`host_norm`)."""
     norms, ordered = [], []
     for dtype, large, rest in _norm_groups(grads):
         if large:
@@ -63,9 +80,12 @@ def norm_and_flag(grads: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, t
             norms.append(torch.stack(_foreach_norm(rest, dtype)).to(device=device, dtype=torch.float64))
         ordered += large + rest
     per_tensor = torch.cat(norms)
-    suspect = ~torch.isfinite(per_tensor) | (per_tensor < RESCUE_BELOW)
-    if bool(suspect.any()):
-        for i in suspect.nonzero().flatten().tolist():
+    bound = UNDERFLOW_BOUND * sum(g.numel() for g in ordered if g.dtype != torch.float64)
+    checks = torch.stack([(~torch.isfinite(per_tensor)).any(), per_tensor.square().sum() < bound])
+    overflowed, tiny = checks.tolist()                         # the one host read
+    if overflowed or tiny:
+        values = per_tensor.tolist()
+        for i in _rescued(values, ordered):
             per_tensor[i] = torch.linalg.vector_norm(ordered[i], dtype=torch.float64)
     norm = torch.linalg.vector_norm(per_tensor) * _as_tensor(inv_scale, device, torch.float64)
     found_inf = (~torch.isfinite(norm)).to(torch.float32)
@@ -81,13 +101,26 @@ def host_norm(grads: list[torch.Tensor], inv_scale) -> float:
             squares = torch.stack([torch.dot(v, v) for v in (g.view(-1) for g in large)]).tolist()
             values += [math.sqrt(x) if x >= 0 else x for x in squares]   # nan stays nan
         if rest:
-            norms = _foreach_norm(rest, dtype)
-            values += [n.item() for n in norms] if len(norms) <= 16 else torch.stack(norms).tolist()
+            values += [n.item() for n in _foreach_norm(rest, dtype)]   # on the CPU: cheaper than a stack
         ordered += large + rest
-    for i, v in enumerate(values):
-        if not math.isfinite(v) or v < RESCUE_BELOW:
+    total = math.fsum(v * v for v in values)
+    if not SURELY_CLEAR <= total < math.inf:     # inf, nan, or small enough that underflow could matter
+        for i in _rescued(values, ordered):
             values[i] = torch.linalg.vector_norm(ordered[i], dtype=torch.float64).item()
-    return math.sqrt(math.fsum(v * v for v in values)) * _as_float(inv_scale)
+        total = math.fsum(v * v for v in values)
+    return math.sqrt(total) * _as_float(inv_scale)
+
+
+def _rescued(norms: list[float], grads: list[torch.Tensor]) -> list[int]:
+    """Which fp32-accumulated norms to read again in float64: every non-finite one (an overflowed
+    square, or a real inf/nan, which stays), and - when the whole sum of squares is small enough
+    for underflow to matter - every one of a tensor that could have lost digits."""
+    low = [i for i, g in enumerate(grads) if g.dtype != torch.float64]
+    redo = [i for i in low if not math.isfinite(norms[i])]
+    finite = [norms[i] for i in low if math.isfinite(norms[i])]
+    if math.fsum(v * v for v in finite) < UNDERFLOW_BOUND * sum(grads[i].numel() for i in low):
+        redo += [i for i in low if math.isfinite(norms[i]) and norms[i] ** 2 < UNDERFLOW_BOUND * grads[i].numel()]
+    return redo
 
 
 def _norm_groups(grads: list[torch.Tensor]):
@@ -136,7 +169,8 @@ def finalize_(grads: list[torch.Tensor], inv_scale, max_norm: float | None, appl
 
 def _by_dtype(grads: list[torch.Tensor]) -> dict:
     first = grads[0]
-    if all(g.dtype == first.dtype and g.device == first.device for g in grads):   # the usual case
+    if len(set(map(_DTYPE, grads))) == 1 and (all(map(_IS_CPU, grads)) if first.is_cpu
+                                               else len(set(map(_DEVICE, grads))) == 1):   # the usual case
         return {(first.device, first.dtype): grads}
     groups: dict = defaultdict(list)
     for g in grads:
