@@ -14,6 +14,7 @@ registration; :meth:`Trainable.rescan` makes the next call look again.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Iterable
 
@@ -56,7 +57,7 @@ class Trainable:
 
     def current(self) -> list[torch.Tensor]:
         """The trainable tensors now (the same list object while nothing changed)."""
-        held = tuple(id(p) for g in self.optimizer.param_groups for p in g["params"])
+        held = tuple(itertools.chain.from_iterable([map(id, g["params"]) for g in self.optimizer.param_groups]))
         if (self._seen_at == _registrations and held == self._held
                 and list(map(_REQUIRES_GRAD, self._candidates)) == self._flags):
             return self.params

@@ -16,6 +16,7 @@ is rounded; state that did come back in bf16 is cast to fp32 again before the st
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 from collections.abc import Callable
 
@@ -114,9 +115,11 @@ class OptimizerWrites:
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.state = {k: dict(v) for k, v in optimizer.state.items()}
-        self.tensors = [*self.params, *(t for v in self.state.values() for t in v.values() if isinstance(t, torch.Tensor))]
+        self.params = list(itertools.chain.from_iterable([g["params"] for g in optimizer.param_groups]))
+        # (key, copy) pairs: a dict keyed by tensors would call Tensor.__hash__ (Python) per entry
+        self.state = list(zip(optimizer.state.keys(), map(dict.copy, optimizer.state.values())))
+        values = itertools.chain.from_iterable(map(dict.values, [copy for _, copy in self.state]))
+        self.tensors = [*self.params, *(t for t in values if isinstance(t, torch.Tensor))]
         self.versions = list(map(_VERSION, self.tensors))
         self.fingerprint = _norms(self.params) if not _versions_tell(optimizer) else None
 
@@ -130,7 +133,7 @@ class OptimizerWrites:
     def undo(self) -> None:
         """The optimizer's state as it was (entries it created or replaced go; nothing was written in place)."""
         self.optimizer.state.clear()
-        self.optimizer.state.update({k: dict(v) for k, v in self.state.items()})
+        self.optimizer.state.update((k, dict(v)) for k, v in self.state)
 
 
 def _versions_tell(optimizer) -> bool:
