@@ -19,7 +19,9 @@ storage); autoaccum never does that to the tensors it passes, and :func:`forget`
 entry for code that does.
 
 An entry is made on the second sighting of a list, so fresh lists (new gradients every
-micro-batch) cost one identity hash and no weak references.
+micro-batch) cost one identity hash and one weak reference. A sighting counts only while its
+first tensor lives: freed gradients' ids are soon reused by the next micro-batch's, and taking
+that for a repeat made an entry (a weak reference per tensor) for every other fresh list.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ DEVICE = operator.attrgetter("device")
 NONE_ID = id(None)
 
 _entries: OrderedDict[tuple[int, ...], "Facts"] = OrderedDict()
-_seen: OrderedDict[tuple[int, ...], None] = OrderedDict()
+_seen: OrderedDict[tuple[int, ...], weakref.ref] = OrderedDict()   # key -> its first tensor
 
 
 class Facts:
@@ -140,10 +142,14 @@ def facts_of(tensors: list[torch.Tensor], key: tuple[int, ...] | None = None, ch
     if check is not None:
         check(tensors)
     facts = Facts(tensors)
-    if key in _seen:
+    first = _seen.get(key)
+    if first is not None and first() is tensors[0]:
         _remember(key, facts, tensors)
-    else:
-        _seen[key] = None
+    else:        # a first sighting; or the ids of freed tensors, reused by fresh ones: not a repeat
+        try:
+            _seen[key] = weakref.ref(tensors[0])
+        except TypeError:      # a tensor type without weak references: never cached
+            return facts
         if len(_seen) > MAX_ENTRIES:
             _seen.popitem(last=False)
     return facts
