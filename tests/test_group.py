@@ -125,3 +125,22 @@ def test_forget_drops_every_entry():
     assert group.cached(group.key_of(grads), grads) is not None
     kernels.forget()
     assert group.cached(group.key_of(grads), grads) is None
+
+
+def test_fresh_gradients_whose_ids_are_reused_are_not_taken_for_a_repeat(monkeypatch):
+    """Each micro-batch's gradients are new tensors, often at the ids of the last ones (freed just
+    before): that must not make a cache entry (a weak reference per tensor) for them. The
+    allocator's reuse is made certain here: every fresh list gets the same "ids"."""
+    gen = torch.Generator().manual_seed(4)
+    accs = views([5, 17, 300], gen)
+    real_key = group.key_of
+    fresh: list = []
+    monkeypatch.setattr(group, "key_of", lambda ts: (-1, -2, -3) if any(t is f for t in ts for f in fresh) else real_key(ts))
+    remembered = []
+    real = group._remember
+    monkeypatch.setattr(group, "_remember", lambda key, facts, ts: remembered.append(key) or real(key, facts, ts))
+    for _ in range(6):
+        fresh[:] = [torch.randn(a.shape, generator=gen) for a in accs]
+        kernels.accumulate_(accs, list(fresh), 0.5)
+        fresh.clear()                                  # the gradients die, their "ids" stay seen
+    assert remembered == [real_key(accs)], "only the accumulators (a repeated list) are kept"
