@@ -5,9 +5,7 @@ numbers a first attempt would: torch (CPU and every initialised CUDA device), nu
 """
 from __future__ import annotations
 
-import ctypes
 import random
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,46 +21,23 @@ class RngState:
 
 
 def capture() -> RngState:
-    """Every stream as it is now (taken before every step: it costs about 10 µs on a CPU)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return RngState(torch.get_rng_state(), cuda, _numpy_state(), random.getstate())
 
 
-_MT_BYTES = 624 * 4 + 4          # numpy's mt19937_state: uint32_t key[624]; int pos
-_numpy_seen: tuple[bytes, tuple] | None = None   # (raw generator state, np.random.get_state() of it)
-_numpy_raw_ok = True
+def _numpy_state():
+    """numpy's global stream: the legacy tuple for MT19937 (numpy's default), else the dict that
+    ``np.random.set_bit_generator``'s generators have (the tuple exists for MT19937 only).
+
+    Not cached: its legacy Gaussian cache (``has_gauss``) has no cheap public read, and
+    ``set_state`` can change it without moving the generator, so no cheaper check is sound."""
+    if _numpy_kind() != "MT19937":
+        return np.random.get_state(legacy=False)
+    return np.random.get_state()
 
 
-def _numpy_state() -> tuple:
-    """``np.random.get_state()``, which takes about 24 µs (it copies the key word by word), taken
-    only when the stream moved since the last one.
-
-    The generator's raw state (key and position) is read through numpy's public ``ctypes``
-    interface in well under a microsecond and compared with the raw state behind the last
-    snapshot. Equal raw states are the same stream unless the legacy Gaussian cache changed,
-    which happens without a draw only when a cached value is used up: so a snapshot that held
-    one is never reused. Another bit generator (``np.random.set_bit_generator``) takes the long way.
-    """
-    global _numpy_seen, _numpy_raw_ok
-    if type(getattr(np.random.mtrand._rand, "_bit_generator", None)).__name__ != "MT19937":
-        return np.random.get_state(legacy=False)   # a dict; the legacy tuple exists for MT19937 only
-    raw = _numpy_raw()
-    if raw is not None and _numpy_seen is not None and _numpy_seen[0] == raw and not _numpy_seen[1][3]:
-        return _numpy_seen[1]
-    state = np.random.get_state()
-    if raw is not None:
-        pos = int.from_bytes(raw[-4:], sys.byteorder, signed=True)
-        if state[0] == "MT19937" and pos == state[2] and raw[:-4] == state[1].tobytes():
-            _numpy_seen = (raw, state)
-        else:                            # not the layout this reads: never again
-            _numpy_raw_ok, _numpy_seen = False, None
-    return state
-
-
-def _numpy_raw() -> bytes | None:
-    if not _numpy_raw_ok:
-        return None
-    return ctypes.string_at(np.random.mtrand._rand._bit_generator.ctypes.state_address, _MT_BYTES)
+def _numpy_kind() -> str:
+    return type(np.random.mtrand._rand._bit_generator).__name__
 
 
 def restore(state: RngState) -> None:
@@ -78,7 +53,9 @@ def to_dict(state: RngState) -> dict:
     tuples, numbers and strings; numpy's key array travels as an int64 tensor (another bit
     generator's state is a dict of numbers already)."""
     numpy_state = state.numpy
-    if not isinstance(numpy_state, dict):
+    if isinstance(numpy_state, dict):
+        numpy_state = _plain(numpy_state)      # Philox and SFC64 hold arrays
+    else:
         kind, key, pos, has_gauss, gauss = numpy_state
         numpy_state = (str(kind), torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
     return {"torch_cpu": state.torch_cpu, "torch_cuda": state.torch_cuda, "numpy": numpy_state,
@@ -97,8 +74,13 @@ def from_dict(d: dict) -> RngState:
                              f"sees {have}; resume on the same devices, or save with state_dict(rng=False)")
     try:
         numpy_state = d["numpy"]
+        kind = numpy_state.get("bit_generator") if isinstance(numpy_state, dict) else numpy_state[0]
+        if kind != _numpy_kind():
+            raise ValueError(f"the checkpoint's numpy stream is {kind!r} but this process's is {_numpy_kind()!r} "
+                             f"(np.random.set_bit_generator); set the same generator before loading")
         if isinstance(numpy_state, dict):            # not MT19937 (np.random.set_bit_generator)
-            trial = np.random.RandomState(getattr(np.random, str(numpy_state.get("bit_generator")))())
+            numpy_state = _arrays(numpy_state)
+            trial = np.random.RandomState(type(np.random.mtrand._rand._bit_generator)())   # same kind, checked
         else:
             kind, key, pos, has_gauss, gauss = numpy_state
             key = key.numpy().astype(np.uint32) if isinstance(key, torch.Tensor) else np.asarray(key, dtype=np.uint32)
@@ -113,3 +95,16 @@ def from_dict(d: dict) -> RngState:
         raise ValueError(f"the checkpoint's 'rng' entry is not one Trainer.state_dict() wrote ({e})") from None
     return state
 
+
+def _plain(state: dict) -> dict:
+    """A bit generator's state with numpy arrays as lists (``weights_only`` checkpoints take no arrays)."""
+    return {k: _plain(v) if isinstance(v, dict) else ({"__array__": v.tolist(), "dtype": str(v.dtype)}
+                                                      if isinstance(v, np.ndarray) else v)
+            for k, v in state.items()}
+
+
+def _arrays(state: dict) -> dict:
+    """The inverse of :func:`_plain`."""
+    if set(state) == {"__array__", "dtype"}:
+        return np.array(state["__array__"], dtype=state["dtype"])
+    return {k: _arrays(v) if isinstance(v, dict) else v for k, v in state.items()}
