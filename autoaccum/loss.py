@@ -117,7 +117,10 @@ class WeightedLoss:
     def total(self) -> torch.Tensor | float:
         """The weighted sum in float64: a float on the CPU, else a 0-dim tensor (0 when nothing was added)."""
         if self.host:
-            return math.fsum(self.values)
+            try:
+                return math.fsum(self.values)
+            except (ValueError, OverflowError):   # inf - inf, or past float64's range: not finite either way
+                return sum(self.values)
         total = self.folded
         if self.losses:
             kept = torch.stack(torch._foreach_mul(self.losses, self.shares)).sum(dtype=torch.float64)

@@ -63,3 +63,21 @@ def test_fp16_overflow_skips_and_lowers_the_scale():
     assert_state_equal(model, opt, before)
     assert sched.last_epoch == 0
     assert trainer.scaler.get_scale() < scale
+
+
+def test_losses_of_inf_and_minus_inf_skip_the_step():
+    """+inf and -inf losses make a nan step loss: skipped like any other non-finite step, not an
+    error from the summation (math.fsum raises on inf - inf)."""
+    values = (math.inf, -math.inf)
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss = mse_loss(model, batch)
+        k = calls["n"] - 5          # the second step's micro-batches (the first step ran 5)
+        return loss * 0 + values[k - 1] if k in (1, 2) else loss
+    model, opt, sched, trainer = trained(loss_fn=loss_fn)
+    before = state_snapshot(model, opt)
+    stats = trainer.step(regression_batch(40, dtype=torch.float64, seed=6))
+    assert stats.skipped and not math.isfinite(stats.loss)
+    assert_state_equal(model, opt, before)
