@@ -5,17 +5,22 @@ GPT-2 on a CPU, 5% of a small model's step. So the list is made again only when 
 decides it may have changed since it was made:
 
 * a parameter or a submodule was registered on any module (``model.fc = nn.Linear(...)``,
-  ``register_parameter``): torch's global registration hooks count these;
+  ``register_parameter``, ``load_state_dict(assign=True)``, parametrizations): torch's global
+  registration hooks count these;
 * the optimizer's parameter groups hold other tensors (``add_param_group``, an edited list);
-* a ``requires_grad`` flag of a tensor seen last time flipped (gradual unfreezing).
+* a ``requires_grad`` flag flipped (gradual unfreezing), or a frozen tensor seen last time was
+  freed (its module was deleted; frozen tensors are watched through weak references, so a
+  deleted frozen module is not kept alive).
 
-Not seen: a parameter put straight into a module's ``_parameters`` dict, bypassing torch's
-registration; :meth:`Trainable.rescan` makes the next call look again.
+Not announced by torch, so not seen: ``ModuleList.insert`` / ``Sequential.insert`` of a module
+built earlier, and writes straight into a module's ``_parameters`` or ``_modules`` dicts; call
+``Trainer.rescan()`` after those (or build a new trainer).
 """
 from __future__ import annotations
 
 import itertools
 import operator
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -49,28 +54,33 @@ class Trainable:
         self.optimizer = optimizer
         self._seen_at = -1
         self._held: tuple[int, ...] = ()
-        self._candidates: list[torch.Tensor] = []
-        self._flags: list[bool] = []
+        self._frozen: list[weakref.ref] = []        # tensors looked at that do not require grad
+        self._frozen_held: list[weakref.ref] = []   # those of them the optimizer holds
         self.params: list[torch.Tensor] = []
-        self.frozen_held: list[torch.Tensor] = []   # tensors the optimizer holds that do not require grad
         self.current()
 
     def current(self) -> list[torch.Tensor]:
         """The trainable tensors now (the same list object while nothing changed)."""
         held = tuple(itertools.chain.from_iterable([map(id, g["params"]) for g in self.optimizer.param_groups]))
-        if (self._seen_at == _registrations and held == self._held
-                and list(map(_REQUIRES_GRAD, self._candidates)) == self._flags):
-            return self.params
+        if self._seen_at == _registrations and held == self._held and all(map(_REQUIRES_GRAD, self.params)):
+            frozen = [ref() for ref in self._frozen]
+            if not any(t is None or t.requires_grad for t in frozen):
+                return self.params
         self._seen_at, self._held = _registrations, held
         extra = (p for g in self.optimizer.param_groups for p in g["params"])
-        self._candidates = _unique((*self.model.parameters(), *extra))
-        self._flags = list(map(_REQUIRES_GRAD, self._candidates))
-        params = [p for p, f in zip(self._candidates, self._flags) if f]
+        candidates = _unique((*self.model.parameters(), *extra))
+        params = [p for p in candidates if p.requires_grad]
         held_ids = set(held)
-        self.frozen_held = [p for p, f in zip(self._candidates, self._flags) if not f and id(p) in held_ids]
+        self._frozen = [weakref.ref(p) for p in candidates if not p.requires_grad]
+        self._frozen_held = [weakref.ref(p) for p in candidates if not p.requires_grad and id(p) in held_ids]
         if len(params) != len(self.params) or any(p is not q for p, q in zip(params, self.params)):
             self.params = params
         return self.params
+
+    @property
+    def frozen_held(self) -> list[torch.Tensor]:
+        """Tensors the optimizer holds that do not require grad (``zero_grad`` clears them too)."""
+        return [t for t in (ref() for ref in self._frozen_held) if t is not None]
 
     def rescan(self) -> None:
         """Look at the model again on the next :meth:`current` (after changing it behind torch's back)."""

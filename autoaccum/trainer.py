@@ -214,6 +214,13 @@ class Trainer:
         self._params = params
         log.info("autoaccum: the trainable parameters changed; now %d tensors", len(params))
 
+    def rescan(self) -> None:
+        """Look at the model's parameters again before the next step. Changes torch announces
+        (assigning a parameter or module, ``requires_grad_``, ``add_param_group``) are seen by
+        themselves; this is for those it does not: ``ModuleList.insert`` / ``Sequential.insert``
+        of a module built earlier, writes straight into ``_parameters`` or ``_modules``."""
+        self._trainable.rescan()
+
     def _sizes(self, n: int) -> list[int]:
         return self.plan.micro_batches if n == self.plan.per_rank_batch else self.plan.split(n)
 

@@ -151,3 +151,31 @@ def test_python_and_torch_streams_still_come_back():
     x = (random.random(), torch.rand(2))
     rng.restore(state)
     assert x[0] == random.random() and torch.equal(x[1], torch.rand(2))
+
+
+def test_a_deleted_frozen_module_is_freed_and_seen():
+    import gc
+    import weakref
+    model, opt = make()
+    model.teacher = nn.Linear(3, 3).requires_grad_(False)
+    watch = Trainable(model, opt)
+    gone = weakref.ref(model.teacher.weight)
+    del model.teacher
+    gc.collect()
+    assert gone() is None, "a frozen module must not be kept alive by the watch"
+    assert watch.current() == list(model.parameters())
+
+
+def test_rescan_finds_a_prebuilt_module_inserted_behind_torchs_back():
+    import autoaccum
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    prebuilt = nn.Linear(3, 3)                           # registered before the trainer exists
+    trainer = autoaccum.fit(model, 8, torch.optim.SGD(model.parameters(), lr=0.1),
+                            loss_fn=lambda m, b: m(b).square().mean(), micro_batch=4)
+    batch = torch.randn(8, 3)
+    trainer.step(batch)
+    model.insert(0, prebuilt)                            # writes _modules directly: no hook fires
+    trainer.rescan()
+    trainer.step(batch)
+    assert prebuilt.weight.grad is None, "a trained tensor's gradient is cleared after the step"
+    assert any(p is prebuilt.weight for p in trainer._trainable.current())
