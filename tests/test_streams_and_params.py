@@ -179,3 +179,21 @@ def test_rescan_finds_a_prebuilt_module_inserted_behind_torchs_back():
     trainer.step(batch)
     assert prebuilt.weight.grad is None, "a trained tensor's gradient is cleared after the step"
     assert any(p is prebuilt.weight for p in trainer._trainable.current())
+
+
+def test_an_optimizer_with_its_own_zero_grad_gets_it_called():
+    """apex's DistributedFusedAdam resets its buckets in zero_grad: the trainer must not skip it."""
+    import autoaccum
+
+    class Bucketed(torch.optim.SGD):
+        resets = 0
+
+        def zero_grad(self, set_to_none=True):
+            Bucketed.resets += 1
+            super().zero_grad(set_to_none=set_to_none)
+
+    model = nn.Linear(3, 2)
+    trainer = autoaccum.fit(model, 8, Bucketed(model.parameters(), lr=0.1),
+                            loss_fn=lambda m, b: m(b).square().mean(), micro_batch=4)
+    trainer.step(torch.randn(8, 3))
+    assert Bucketed.resets >= 1
