@@ -348,9 +348,10 @@ class Trainer:
                                     context=context)
                 if self.buffer is not None:
                     self.buffer.weight = weight        # the accumulate kernel applies it, in fp32
-                    self._backward(loss)
+                    weighted = loss
                 else:
-                    self._backward(loss * weight)
+                    weighted = loss * weight
+                (weighted * self.scaler.scale if self.scaler is not None else weighted).backward()
             return loss, None
         except PeerStopped:
             return None, None
@@ -425,9 +426,6 @@ class Trainer:
             return self.plan
         self.plan = make_plan(self.plan.target_batch, micro_batch, self.plan.world_size)
         return self.plan
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        (loss * self.scaler.scale if self.scaler is not None else loss).backward()
 
     def _sync_buffer(self, agreement: Agreement) -> None:
         """DDP, deferred: zero what this rank did not touch, SUM the buffer, keep the union."""

@@ -94,6 +94,9 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
     if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float))
                                  or not math.isfinite(max_norm) or max_norm <= 0):
         raise ValueError(f"max_norm must be a positive finite number or None; got {max_norm!r}")
+    if grads and _plain(grads, backend):           # the torch path needs no launch facts, cached or not
+        _check_inv_scale(inv_scale)
+        return reference.finalize_(list(grads), inv_scale, max_norm, apply)
     key = group.key_of(grads)
     facts = group.cached(key, grads)               # a cached list holds no None
     where = None
@@ -140,7 +143,7 @@ def _plain(grads: Sequence[torch.Tensor], backend: str | None) -> bool:
     whose checks name the culprit."""
     choice = backend or os.environ.get("AUTOACCUM_BACKEND") or None
     first = grads[0]
-    if not isinstance(first, torch.Tensor) or not (choice == "torch" or (choice is None and first.device.type != "cuda")):
+    if not isinstance(first, torch.Tensor) or not (choice == "torch" or (choice is None and not first.is_cuda)):
         return False
     return (all(issubclass(t, torch.Tensor) for t in set(map(type, grads)))
             and set(map(group.DTYPE, grads)) <= _GRAD_SET

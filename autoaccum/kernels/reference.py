@@ -148,7 +148,7 @@ def clip_scale(norm: torch.Tensor, inv_scale, max_norm: float | None) -> torch.T
 
 def finalize_(grads: list[torch.Tensor], inv_scale, max_norm: float | None, apply: bool
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    if grads[0].device.type == "cpu":       # in Python floats: the factor is a number, no tensor ops make it
+    if grads[0].is_cpu:       # in Python floats: the factor is a number, no tensor ops make it
         norm = host_norm(grads, inv_scale)
         found = not math.isfinite(norm)
         if apply and not found:
