@@ -314,13 +314,13 @@ class PreForward:
             self.stopped, self.active = agreement, False
             raise PeerStopped()
 
-    @contextlib.contextmanager
-    def armed(self):
+    def __enter__(self) -> "PreForward":
+        """Armed within ``with pre_forward:`` (a plain context manager: entered every step)."""
         self.active, self.stopped, self.forwards = self._handle is not None, None, 0
-        try:
-            yield self
-        finally:
-            self.active = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.active = False
 
     def remove(self) -> None:
         if self._handle is not None:

@@ -306,7 +306,7 @@ class Trainer:
         factor = topo.loss_factor
         agree_each = topo.lockstep
         buffer = self.buffer.capturing() if self.buffer is not None else contextlib.nullcontext()
-        with buffer, self._lockstep.armed() as lockstep:
+        with buffer, self._lockstep as lockstep:
             for i in live:
                 last = i == live[-1]
                 lockstep.forwards = 0
