@@ -5,7 +5,7 @@ as a user's loop must (``torch.split`` per tensor): ``loss_i * items_i / items``
 ``backward``, ``clip_grad_norm_(foreach=True)`` when clipping, ``step``,
 ``zero_grad(set_to_none=True)``. Both run interleaved in one process on twin models, CPU time
 (``time.process_time``) on the CPU or synchronised wall time on CUDA, median of ``--repeat``
-rounds of ``--steps`` steps; the twins' parameters are compared at the end (they must agree to
+rounds of ``--steps`` steps (by default as many as take 0.1 s); the twins' parameters are compared at the end (they must agree to
 rounding: the trainer also checks inf/nan and weights in float64, the loop does not).
 
     python benchmarks/bench_trainer.py --json benchmarks/results/trainer-cpu.json
@@ -16,6 +16,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -115,6 +116,10 @@ def run_case(name, case, device, steps, repeat):
                             loss_fn=loss_fn, count_fn=count_fn, micro_batch=micro, max_grad_norm=clip)
     opt = torch.optim.AdamW(theirs.parameters(), lr=1e-3)
     sizes = trainer.plan.micro_batches
+    if not steps:             # enough steps that a round lasts 0.1 s: short rounds are mostly noise
+        pair = timed(lambda: (trainer.step(batch), hand_step(theirs, opt, batch, sizes, loss_fn, count_fn, clip)),
+                     2, device)     # both twins step alike: their parameters must stay comparable
+        steps = max(3, min(200, math.ceil(0.2 / max(pair, 1e-6))))
     rounds = []
     for _ in range(repeat):   # interleaved: drift in the machine's speed hits both alike
         a = timed(lambda: trainer.step(batch), steps, device)
@@ -122,7 +127,7 @@ def run_case(name, case, device, steps, repeat):
         rounds.append((a, b))
     ratio = statistics.median(a / b for a, b in rounds)
     diff = max((p - q).abs().max().item() for p, q in zip(ours.parameters(), theirs.parameters()))
-    return {"model": name, "micro_batches": trainer.plan.micro_batches, "clip": clip,
+    return {"model": name, "micro_batches": trainer.plan.micro_batches, "clip": clip, "steps_per_round": steps,
             "trainer_ms": 1e3 * statistics.median(a for a, _ in rounds),
             "hand_ms": 1e3 * statistics.median(b for _, b in rounds), "ratio": ratio, "max_param_diff": diff}
 
@@ -130,7 +135,7 @@ def run_case(name, case, device, steps, repeat):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=0, help="steps per round (0: as many as last 0.1 s)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--models", default=",".join(cases(1.0)))
