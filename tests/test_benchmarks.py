@@ -23,6 +23,14 @@ def test_bench_trainer_compares_with_the_hand_loop(tmp_path):
     assert "ratio" in stdout
 
 
+def test_ablate_trainer_runs_every_part():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablate_trainer.py"), "--rounds", "1", "--steps", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split()[0] for line in r.stdout.splitlines()]
+    assert rows == ["none", "streams", "numpy", "finalize", "writes", "prepare"], r.stdout
+
+
 def test_bench_reference_measures_error_against_float64(tmp_path):
     data, _ = run("bench_reference.py", "--totals", "1e5", "--repeat", "1", tmp_path=tmp_path)
     for row in data["results"]:
