@@ -201,8 +201,9 @@ def check_count(value: Any, what: str) -> float:
     return value
 
 
-def check_optimizer(optimizer: Any) -> None:
-    """None, or an optimizer a step over micro-batches can drive (``step()`` without a closure)."""
+def check_optimizer(optimizer: Any, params: Any = None) -> None:
+    """None, or an optimizer a step over micro-batches can drive (``step()`` without a closure)
+    that holds some of ``params`` (the model's parameters) when they are given."""
     if optimizer is None:
         return
     if not (callable(getattr(optimizer, "step", None)) and hasattr(optimizer, "param_groups")):
@@ -211,6 +212,11 @@ def check_optimizer(optimizer: Any) -> None:
     if isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.LBFGS):
         raise ValueError("optimizer is LBFGS, whose step() needs a closure that re-evaluates the loss on the whole "
                          "batch; a step accumulated over micro-batches cannot give one: use another optimizer")
+    if params is not None:
+        mine = {id(p) for p in params}
+        if not any(id(p) in mine for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("optimizer holds none of the model's parameters; build it from "
+                             "model.parameters() after moving the model to its device")
 
 
 def check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights, *, allow_meta=False):

@@ -99,9 +99,9 @@ def estimate(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn |
     ``"cpu"`` sizes a device where the data already lives and none of that applies (both default 0).
     """
     started = time.perf_counter()
-    check_optimizer(optimizer)
     amp, accum = check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights,
                                       allow_meta=True)
+    check_optimizer(optimizer, model.parameters())
     cap = DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch
     check_positive_int("max_micro_batch", cap)
     check_positive_int("max_runs", max_runs)

@@ -156,16 +156,12 @@ def _check_optimizer(optimizer: Any, params: list[torch.Tensor]) -> None:
             and hasattr(optimizer, "param_groups")):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer built from the model's parameters; "
                         f"got {type(optimizer).__name__}")
-    check_optimizer(optimizer)
+    check_optimizer(optimizer, params)
     if type(optimizer).__name__ == "AcceleratedOptimizer" and getattr(optimizer, "scaler", None) is not None:
         raise ValueError("optimizer comes from accelerator.prepare with fp16 mixed precision, so its step() goes "
                          "through Accelerate's GradScaler, which expects a loss scaled by accelerator.backward; "
                          "pass the optimizer it wraps (optimizer.optimizer) and amp_dtype=torch.float16: autoaccum "
                          "scales, unscales and skips overflowing steps itself")
-    mine = {id(p) for p in params}
-    if not any(id(p) in mine for g in optimizer.param_groups for p in g["params"]):
-        raise ValueError("optimizer holds none of the model's parameters; build it from "
-                         "model.parameters() after moving the model to its device")
 
 
 def _check_dense_gradients(model: nn.Module) -> None:

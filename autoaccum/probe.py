@@ -143,8 +143,8 @@ def probe(model: nn.Module, sample: Any, *, optimizer=None, loss_fn: LossFn | No
     The model, optimizer state and RNG streams are left exactly as they were.
     """
     started = time.perf_counter()
-    check_optimizer(optimizer)
     amp, accum = check_step_arguments(model, amp_dtype, loss_fn, count_fn, accum_dtype, master_weights)
+    check_optimizer(optimizer, model.parameters())
     cap = DEFAULT_MAX_MICRO_BATCH if max_micro_batch is None else max_micro_batch
     check_positive_int("max_micro_batch", cap)
     check_positive_int("max_trials", max_trials)

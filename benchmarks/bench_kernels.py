@@ -70,9 +70,10 @@ FULL_AT = 100_000_000          # every variant runs at one tensor of this size (
 ACC_TOL = 1e-6                 # fp32 accumulators: one or two roundings
 TOL = {torch.float32: 1e-4, torch.bfloat16: 8e-3}   # norms and scaled gradients; bf16: PyTorch's norm is bf16
 CHECK_CHUNK = 1 << 25          # float64 copies of 1B elements would not fit
-BASELINE = {"accumulate assign": "torch._foreach", "accumulate add": "torch._foreach",
-            "finalize (norm + scale)": "pytorch unscale_+clip", "finalize (norm only)": "torch get_total_norm",
-            "finalize + fused AdamW": "pytorch unscale_+clip+step"}
+BASELINE = {"accumulate assign": ("torch._foreach",), "accumulate add": ("torch._foreach",),   # bf16 finalize:
+            "finalize (norm + scale)": ("pytorch unscale_+clip", "pytorch clip (bf16: no scaler)"),   # no scaler
+            "finalize (norm only)": ("torch get_total_norm",),
+            "finalize + fused AdamW": ("pytorch unscale_+clip+step", "pytorch clip+step")}
 
 
 def op_bytes(op: str, g: int) -> int:
@@ -196,9 +197,9 @@ class Bench:
                          "p90_us": p90 * 1e3, "samples": len(ms), "host_us_per_call": host, "gb_per_s": gbs,
                          "copy_gb_per_s": copy, "pct_copy": None if gbs is None else ratio(100 * gbs, copy),
                          "floor_us": floor_us, "x_floor": ratio(med * 1e3, floor_us), **result})
-        base = next((r for r in rows if r["variant"] == BASELINE[op]), None)
+        base = next((r for r in rows if r["variant"] in BASELINE[op]), None)
         for r in rows:
-            r["baseline"] = BASELINE[op]
+            r["baseline"] = base["variant"] if base else None
             r["speedup_vs_pytorch"] = ratio(base["median_us"], r["median_us"]) if base else None
             self.record(r)
 
@@ -263,7 +264,10 @@ def accumulate_variants(bench: Bench, shapes, dtype, assign: bool) -> dict:
 
 def finalize_variants(bench: Bench, shapes, dtype, op: str) -> dict:
     grads, dev = bench.tensors(shapes, dtype, 0), bench.device
-    inv = float(torch.tensor(LOSS_SCALE).double().reciprocal().float())    # as GradScaler computes it
+    # bf16 gradients come from bf16 training, which has no loss scale (GradScaler cannot even
+    # unscale them): PyTorch's path is clip_grad_norm_ and step, and ours runs with inv_scale 1.
+    scaled = dtype != torch.bfloat16
+    inv = float(torch.tensor(LOSS_SCALE).double().reciprocal().float()) if scaled else 1.0   # as GradScaler computes it
     inv_t = torch.tensor(inv, dtype=torch.float64, device=dev)             # a device tensor, as the Trainer passes it
     one_t = torch.ones((), dtype=torch.float64, device=dev)
     raw = norm64(grads)
@@ -283,16 +287,20 @@ def finalize_variants(bench: Bench, shapes, dtype, op: str) -> dict:
         return SimpleNamespace(gs=gs, params=params, opt=opt, scaler=scaler)
 
     def unscale_clip(w, step=False):
-        w.scaler._per_optimizer_states.clear()   # what update() resets (minus its scale kernel): unscale_ runs once
-        w.scaler.unscale_(w.opt)
+        if scaled:
+            w.scaler._per_optimizer_states.clear()   # what update() resets (minus its scale kernel): unscale_ runs once
+            w.scaler.unscale_(w.opt)
         norm = torch.nn.utils.clip_grad_norm_(w.params, max_norm, foreach=True)
         if step:
-            w.scaler.step(w.opt)
+            w.scaler.step(w.opt) if scaled else w.opt.step()
         return norm
 
     def scaler_step(w):
-        w.scaler._per_optimizer_states.clear()
-        w.scaler.step(w.opt)
+        if scaled:
+            w.scaler._per_optimizer_states.clear()
+            w.scaler.step(w.opt)
+        else:
+            w.opt.step()
 
     def folded(w, k):
         norm, found = kernels.finalize_(w.gs, inv_t, max_norm, apply=False, backend=k)
@@ -315,13 +323,15 @@ def finalize_variants(bench: Bench, shapes, dtype, op: str) -> dict:
         else:
             specs[f"autoaccum[{k}] + fused AdamW"] = (partial(folded, k=k), factor, raw * inv)
     if op == "finalize (norm + scale)":
-        specs["pytorch unscale_+clip"] = (unscale_clip, factor, raw * inv)
+        specs["pytorch unscale_+clip" if scaled else "pytorch clip (bf16: no scaler)"] = (unscale_clip, factor, raw * inv)
     elif op == "finalize (norm only)":
         specs["torch get_total_norm"] = (lambda w: torch.nn.utils.get_total_norm(w.gs, 2.0, foreach=True) * inv_t,
                                          1.0, raw * inv)
     else:
-        specs["pytorch scaler.step(fused AdamW), no clip"] = (scaler_step, factor, None)
-        specs["pytorch unscale_+clip+step"] = (partial(unscale_clip, step=True), factor, raw * inv)
+        specs["pytorch scaler.step(fused AdamW), no clip" if scaled else "pytorch fused AdamW step, no clip"] = (
+            scaler_step, factor if scaled else 1.0, None)
+        specs["pytorch unscale_+clip+step" if scaled else "pytorch clip+step"] = (
+            partial(unscale_clip, step=True), factor, raw * inv)
 
     def setup(run, want, norm_ref):
         w = work()
@@ -348,12 +358,12 @@ def run_case(bench: Bench, case: str, shapes, full: bool):
         for op, assign in (("accumulate assign", True), ("accumulate add", False)):
             if full or (op, dtype) == ("accumulate add", bf16):
                 bench.measure(case, shapes, op, dtype, partial(accumulate_variants, bench, shapes, dtype, assign),
-                              keep=None if full else {ours, BASELINE[op]})
+                              keep=None if full else {ours, *BASELINE[op]})
     for dtype in (bf16, fp32):
         for op in ("finalize (norm + scale)", "finalize (norm only)"):
             if full or (op, dtype) == ("finalize (norm + scale)", fp32):
                 bench.measure(case, shapes, op, dtype, partial(finalize_variants, bench, shapes, dtype, op),
-                              keep=None if full else {ours, BASELINE[op]})
+                              keep=None if full else {ours, *BASELINE[op]})
     if full:   # fused AdamW wants the gradient in the parameter's dtype: fp32 here
         op = "finalize + fused AdamW"
         bench.measure(case, shapes, op, fp32, partial(finalize_variants, bench, shapes, fp32, op))

@@ -216,6 +216,7 @@ CASES = [
     ("probe accum", lambda w: w.probe(accum_dtype="half"), ValueError, "accum_dtype"),
     ("probe master", lambda w: w.probe(master_weights="x"), TypeError, "master_weights"),
     ("probe optimizer str", lambda w: w.probe(optimizer="adam"), TypeError, "optimizer must be"),
+    ("probe optimizer other", lambda w: w.probe(optimizer=other_opt()), ValueError, "optimizer holds none"),
     ("probe optimizer lbfgs", lambda w: w.probe(optimizer=unseeded(
         lambda: torch.optim.LBFGS(w.model.parameters()))()), ValueError, "optimizer is LBFGS"),
     ("probe sample str", lambda w: w.probe(sample="abc"), TypeError, "sample"),
@@ -223,6 +224,7 @@ CASES = [
     # ---------------------------------------------------------------- estimate
     ("estimate model str", lambda w: w.estimate(model="x"), TypeError, "model must be a torch.nn.Module"),
     ("estimate optimizer str", lambda w: w.estimate(optimizer="adam"), TypeError, "optimizer must be"),
+    ("estimate optimizer other", lambda w: w.estimate(optimizer=other_opt()), ValueError, "optimizer holds none"),
     ("estimate memory nan", lambda w: w.estimate(device_memory=nan), ValueError, "device_memory"),
     ("estimate memory text", lambda w: w.estimate(device_memory="big"), ValueError, "device_memory"),
     ("estimate context negative", lambda w: w.estimate(context_bytes=-1), ValueError, "context_bytes"),

@@ -118,7 +118,8 @@ def test_estimate_matches_real_trainer_steps_on_the_gpu(name):
     constant terms like the cuBLAS workspace cancel) within 10% of the estimate's."""
     make_model, make_sample, loss_fn = CASES[name]
     torch.manual_seed(0)
-    est = autoaccum.estimate(make_model(), make_sample(4), optimizer=torch.optim.AdamW(make_model().parameters()),
+    model = make_model()
+    est = autoaccum.estimate(model, make_sample(4), optimizer=torch.optim.AdamW(model.parameters()),
                              loss_fn=loss_fn, device_memory="80GiB", max_micro_batch=4096)
 
     def real_peak(n):
