@@ -12,7 +12,7 @@
 
 namespace autoaccum {
 
-constexpr int kChunk = 16384;     // elements per CUDA block
+constexpr int kChunk = 65536;     // elements per CUDA block (16384 reached 54-77% of copy bandwidth on an H200: 20 short launches per 100M)
 constexpr int kThreads = 512;
 constexpr int kMaxBlocks = 320;
 
