@@ -204,7 +204,10 @@ def _local_model(trials: list[Trial], target: float) -> MemoryModel:
         a, b = under[-2], under[-1]
     else:
         a, b = over[0], over[1]
-    step = max((t.step_bytes or 0) for t in measured)
+    # The optimizer step's peak is a floor for every size only where it was measured under the
+    # target: on CUDA it is read off reserved memory, which still holds the forward/backward's
+    # blocks, so an over-the-limit trial's step "peak" grows with its size and would floor every n.
+    step = max((t.step_bytes or 0) for t in under) if under else 0
     return MemoryModel.through((a.micro_batch, a.forward_backward_bytes or a.peak_bytes),
                                (b.micro_batch, b.forward_backward_bytes or b.peak_bytes), step)
 
