@@ -23,6 +23,7 @@ and token-mean losses over padded sequences give the full-batch update.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import time
@@ -127,6 +128,7 @@ class Trainer:
         self._lockstep = PreForward(model, (lambda: self._agree(None, final=False)) if self.topology.lockstep else None)
         self.closed = False
         self._committed = False   # within step(): the optimizer has written, so the step must complete
+        self._zero_grad_kwargs = _zero_grad_kwargs(optimizer)
 
     # ------------------------------------------------------------------ one optimizer step
     def step(self, batch: Any) -> StepStats:
@@ -473,6 +475,7 @@ class Trainer:
             self.skipped_steps += 1
         else:
             self._optimizer_step(pairs, grad_scale, found_inf)
+            self._committed = True                     # the update stands, whatever raises after it
         self._after_update(found_inf, stepped=not skipped)
         events = ([f"skipped the update: {'loss' if not math.isfinite(loss) else 'gradient norm'} "
                    f"is not finite"] if skipped else [])
@@ -499,13 +502,15 @@ class Trainer:
             raise
 
     def _after_update(self, found_inf: torch.Tensor, stepped: bool) -> None:
-        if stepped:
-            self.steps += 1
-            if self.scheduler is not None:
-                self.scheduler.step()
-        if self.scaler is not None:
-            self.scaler.update(found_inf)  # lowers the scale after inf/nan, grows it after clean runs
-        self._zero_grad()
+        try:
+            if stepped:
+                self.steps += 1
+                if self.scheduler is not None:
+                    self.scheduler.step()
+            if self.scaler is not None:
+                self.scaler.update(found_inf)  # lowers the scale after inf/nan, grows it after clean runs
+        finally:
+            self._zero_grad()
 
     def _gradients(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """(parameter, its accumulated gradient): buffer views, or what autograd left in ``.grad``."""
@@ -526,11 +531,11 @@ class Trainer:
         a CPU); an optimizer with a ``zero_grad`` of its own (apex resets buckets there) gets it called."""
         for p in self._params:
             p.grad = None
-        if _plain_zero_grad(self.optimizer):
+        if self._zero_grad_kwargs is None:
             for p in self._trainable.frozen_held:
                 p.grad = None
         else:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(**self._zero_grad_kwargs)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, *, rng: bool = True) -> dict:
@@ -637,9 +642,19 @@ def _describe_optimizer(trainer: Trainer) -> str:
     return f"{type(opt).__name__}({shown}{', default' if trainer.default_optimizer else ''})"
 
 
-def _plain_zero_grad(optimizer) -> bool:
-    """Is ``optimizer.zero_grad`` torch.optim's own (setting ``.grad = None`` is all it does)?"""
-    return type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad and "zero_grad" not in vars(optimizer)
+def _zero_grad_kwargs(optimizer) -> dict | None:
+    """How the trainer calls ``optimizer.zero_grad``: None when it is torch.optim's own (setting
+    ``.grad = None`` is all it does, so the trainer does that itself), else its keyword arguments
+    (``set_to_none=True`` where it takes them; some overrides take none)."""
+    if (getattr(type(optimizer), "zero_grad", None) is torch.optim.Optimizer.zero_grad
+            and "zero_grad" not in getattr(optimizer, "__dict__", {})):
+        return None
+    try:
+        params = inspect.signature(optimizer.zero_grad).parameters
+    except (TypeError, ValueError):
+        return {}
+    takes = "set_to_none" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"set_to_none": True} if takes else {}
 
 
 def _as_number(x: float) -> int | float:

@@ -197,3 +197,57 @@ def test_an_optimizer_with_its_own_zero_grad_gets_it_called():
                             loss_fn=lambda m, b: m(b).square().mean(), micro_batch=4)
     trainer.step(torch.randn(8, 3))
     assert Bucketed.resets >= 1
+
+
+def test_zero_grad_overrides_without_the_keyword_and_forwarding_wrappers_work():
+    """Review: a zero_grad(self) override, and a wrapper forwarding attributes to an optimizer,
+    both broke the step after the optimizer had written."""
+    import autoaccum
+
+    class NoKeyword(torch.optim.SGD):
+        def zero_grad(self):
+            super().zero_grad()
+
+    class Forwarding:
+        def __init__(self, opt):
+            self.opt = opt
+
+        def __getattr__(self, name):
+            return getattr(self.opt, name)
+
+    for make in (lambda ps: NoKeyword(ps, lr=0.1), lambda ps: Forwarding(torch.optim.SGD(ps, lr=0.1))):
+        model = nn.Linear(3, 2)
+        trainer = autoaccum.fit(model, 8, make(model.parameters()),
+                                loss_fn=lambda m, b: m(b).square().mean(), micro_batch=4)
+        for _ in range(2):
+            trainer.step(torch.randn(8, 3))
+        assert trainer.steps == 2 and all(p.grad is None for p in model.parameters())
+
+
+def test_a_scheduler_raising_after_the_update_leaves_a_completed_step():
+    """The optimizer wrote: the update stands, the step is counted, the gradients are freed and the
+    random streams are not rewound; the error goes on (before, the step rolled the streams back as
+    if nothing had happened, though the parameters had moved)."""
+    import autoaccum
+
+    class Broken(torch.optim.lr_scheduler.LambdaLR):
+        def step(self, *a, **k):
+            if getattr(self, "armed", False):
+                raise RuntimeError("scheduler broke")
+            super().step(*a, **k)
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = Broken(opt, lambda s: 1.0)
+    noisy = lambda m, b: (m(b) * (1 + 0 * torch.rand(()))).square().mean()   # draws from the stream  # noqa: E731
+    trainer = autoaccum.fit(model, 8, opt, loss_fn=noisy, micro_batch=4, scheduler=sched)
+    batch = torch.randn(8, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    sched.armed = True
+    stream = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="scheduler broke"):
+        trainer.step(batch)
+    assert trainer.steps == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "the update stands"
+    assert all(p.grad is None for p in model.parameters())
+    assert not torch.equal(stream, torch.get_rng_state()), "a completed step's draws are not rewound"
