@@ -116,10 +116,10 @@ def run_case(name, case, device, steps, repeat):
                             loss_fn=loss_fn, count_fn=count_fn, micro_batch=micro, max_grad_norm=clip)
     opt = torch.optim.AdamW(theirs.parameters(), lr=1e-3)
     sizes = trainer.plan.micro_batches
+    both = lambda: (trainer.step(batch), hand_step(theirs, opt, batch, sizes, loss_fn, count_fn, clip))  # noqa: E731
+    timed(both, 3, device)    # warm-up (first steps build optimizer state, kernels, workspaces); both twins
     if not steps:             # enough steps that a round lasts 0.1 s: short rounds are mostly noise
-        pair = timed(lambda: (trainer.step(batch), hand_step(theirs, opt, batch, sizes, loss_fn, count_fn, clip)),
-                     2, device)     # both twins step alike: their parameters must stay comparable
-        steps = max(3, min(200, math.ceil(0.2 / max(pair, 1e-6))))
+        steps = max(3, min(200, math.ceil(0.2 / max(timed(both, 2, device), 1e-6))))
     rounds = []
     for _ in range(repeat):   # interleaved: drift in the machine's speed hits both alike
         a = timed(lambda: trainer.step(batch), steps, device)
