@@ -119,7 +119,7 @@ class WeightedLoss:
         if self.host:
             try:
                 return math.fsum(self.values)
-            except (ValueError, OverflowError):   # inf - inf, or past float64's range: not finite either way
+            except (ValueError, OverflowError):   # inf - inf (nan), or partial sums past float64's range
                 return sum(self.values)
         total = self.folded
         if self.losses:

@@ -72,12 +72,15 @@ def from_dict(d: dict) -> RngState:
         if len(cuda) != have:
             raise ValueError(f"the checkpoint holds random streams for {len(cuda)} CUDA device(s) but this process "
                              f"sees {have}; resume on the same devices, or save with state_dict(rng=False)")
+    numpy_state = d["numpy"]
+    kind = numpy_state.get("bit_generator") if isinstance(numpy_state, dict) else \
+        (numpy_state[0] if isinstance(numpy_state, (tuple, list)) and numpy_state else None)
+    if isinstance(kind, str) and kind != _numpy_kind():
+        raise ValueError(f"the checkpoint's numpy stream is {kind!r} but this process's is {_numpy_kind()!r} "
+                         f"(np.random.set_bit_generator); set the same generator before loading")
     try:
-        numpy_state = d["numpy"]
-        kind = numpy_state.get("bit_generator") if isinstance(numpy_state, dict) else numpy_state[0]
-        if kind != _numpy_kind():
-            raise ValueError(f"the checkpoint's numpy stream is {kind!r} but this process's is {_numpy_kind()!r} "
-                             f"(np.random.set_bit_generator); set the same generator before loading")
+        if not isinstance(kind, str):
+            raise TypeError("no bit generator named")
         if isinstance(numpy_state, dict):            # not MT19937 (np.random.set_bit_generator)
             numpy_state = _arrays(numpy_state)
             trial = np.random.RandomState(type(np.random.mtrand._rand._bit_generator)())   # same kind, checked
