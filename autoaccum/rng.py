@@ -16,7 +16,7 @@ import torch
 class RngState:
     torch_cpu: torch.Tensor
     torch_cuda: list[torch.Tensor] | None
-    numpy: tuple
+    numpy: tuple | dict      # legacy tuple (MT19937), or another bit generator's state dict
     python: tuple
 
 
