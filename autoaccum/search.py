@@ -25,6 +25,8 @@ from dataclasses import dataclass
 DEFAULT_MAX_MICRO_BATCH = 1 << 16
 DEFAULT_MAX_TRIALS = 6
 STOP_GAIN = 0.02      # a further trial must promise at least 2% more samples
+BLOCK = 2 << 20       # CUDA's caching allocator hands out large blocks in 2 MiB steps
+MIN_RISE = 8 * BLOCK  # a secant over a smaller rise in peak measures the rounding, not the slope
 CONFIRM_TOLERANCE = 0.03   # a cached answer stands when its new peak is within 3% of the stored one
 
 
@@ -128,7 +130,7 @@ def search(run: Callable[[int], Trial], limit: int, max_micro_batch: int, *, hea
             hi = min(hi, n)
         if hi - lo <= 1 or len(trials) >= max_trials:
             break
-        nxt = _next_size(trials, lo, hi, max_micro_batch, target, hint)
+        nxt = _next_size(trials, lo, hi, max_micro_batch, target, hint, allocator)
         if nxt is None:
             break
         n = nxt
@@ -136,11 +138,21 @@ def search(run: Callable[[int], Trial], limit: int, max_micro_batch: int, *, hea
 
 
 def _next_size(trials: list[Trial], lo: int, hi: int, cap: int, target: float,
-               hint: MemoryModel | None = None) -> int | None:
-    """The next size to try, or None when ``lo`` is (within STOP_GAIN of) the answer."""
+               hint: MemoryModel | None = None, allocator: bool = False) -> int | None:
+    """The next size to try, or None when ``lo`` is (within STOP_GAIN of) the answer.
+
+    On a caching allocator (CUDA) peaks come in 2 MiB blocks: two trials whose peaks differ by a
+    few blocks say nothing about the slope (an H200 probe of an MLP measured 706 MiB at 2 and at
+    24 samples, took the slope as nearly zero and ran out of memory at 14,446), so the next size
+    is 8x the largest fit instead; and the secant aims one block under the target, so that a
+    prediction is not pushed over it by rounding (the same probe then spent its last trials on
+    sizes 8 apart that rounded to the same peak, just over)."""
     measured = _measured(trials)
     if len(measured) >= 2:
-        guess = _local_model(trials, target).max_micro_batch(target)
+        a, b = _secant_points(measured, target)
+        if allocator and b.peak_bytes <= target and abs(_bytes(b) - _bytes(a)) < MIN_RISE and 8 * lo < hi:
+            return min(8 * lo, cap)
+        guess = _local_model(trials, target).max_micro_batch(target - (BLOCK if allocator else 0))
     elif len(measured) == 1:
         t = measured[0]
         if t.peak_bytes > target and hint is not None and hint.per_sample_bytes > 0:
@@ -192,24 +204,34 @@ def _safe_extrapolation(t: Trial, target: float) -> int:
 
 
 def _local_model(trials: list[Trial], target: float) -> MemoryModel:
-    """Secant through the two measured trials that best describe the curve near the limit:
-    the largest one under the target and the smallest one over it (interpolation), else the
-    two largest under it (extrapolation)."""
+    """Secant through the two measured trials that best describe the curve near the limit
+    (:func:`_secant_points`), with the optimizer step's peak as a floor."""
     measured = _measured(trials)
     under = [t for t in measured if t.peak_bytes <= target]
-    over = [t for t in measured if t.peak_bytes > target]
-    if under and over:
-        a, b = under[-1], over[0]
-    elif len(under) >= 2:
-        a, b = under[-2], under[-1]
-    else:
-        a, b = over[0], over[1]
+    a, b = _secant_points(measured, target)
     # The optimizer step's peak is a floor for every size only where it was measured under the
     # target: on CUDA it is read off reserved memory, which still holds the forward/backward's
     # blocks, so an over-the-limit trial's step "peak" grows with its size and would floor every n.
     step = max((t.step_bytes or 0) for t in under) if under else 0
-    return MemoryModel.through((a.micro_batch, a.forward_backward_bytes or a.peak_bytes),
-                               (b.micro_batch, b.forward_backward_bytes or b.peak_bytes), step)
+    return MemoryModel.through((a.micro_batch, _bytes(a)), (b.micro_batch, _bytes(b)), step)
+
+
+def _secant_points(measured: list[Trial], target: float) -> tuple[Trial, Trial]:
+    """The two measured trials that best describe the curve near the limit: the largest one under
+    the target and the smallest one over it (interpolation), else the two largest under it
+    (extrapolation), else the two smallest over it."""
+    under = [t for t in measured if t.peak_bytes <= target]
+    over = [t for t in measured if t.peak_bytes > target]
+    if under and over:
+        return under[-1], over[0]
+    if len(under) >= 2:
+        return under[-2], under[-1]
+    return over[0], over[1]
+
+
+def _bytes(t: Trial) -> float:
+    """What the secant goes through: the forward/backward peak (the part that grows with the size)."""
+    return t.forward_backward_bytes or t.peak_bytes
 
 
 def fit_model(trials: list[Trial], target: float) -> MemoryModel | None:
