@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import operator
 import os
 from collections.abc import Sequence
 
@@ -36,7 +35,6 @@ _FAST_SET = frozenset((torch.float32, torch.float16, torch.bfloat16))
 _GRAD_SET = _FAST_SET | {torch.float64}
 _ACC_SET = frozenset((torch.float32, torch.float64))
 _F32_SET = frozenset((torch.float32,))
-_IS_CPU = operator.attrgetter("is_cpu")
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # csrc/launchers.h GradDType
 
 
@@ -95,21 +93,19 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
                                  or not math.isfinite(max_norm) or max_norm <= 0):
         raise ValueError(f"max_norm must be a positive finite number or None; got {max_norm!r}")
     if grads and _plain(grads, backend):           # the torch path needs no launch facts, cached or not
-        _check_inv_scale(inv_scale)
-        return reference.finalize_(list(grads), inv_scale, max_norm, apply)
+        return _finalize_torch(grads, inv_scale, max_norm, apply)
     key = group.key_of(grads)
     facts = group.cached(key, grads)               # a cached list holds no None
     where = None
     if facts is None and group.NONE_ID in key:
         where = [i for i, k in enumerate(key) if k != group.NONE_ID]
         grads, key = [grads[i] for i in where], None
+        if grads and _plain(grads, backend):       # the same, for what the None entries leave
+            return _finalize_torch(grads, inv_scale, max_norm, apply)
     if not grads:
         _check_inv_scale(inv_scale)
         zero = torch.zeros((), dtype=torch.float32)
         return zero, zero.clone()
-    if facts is None and _plain(grads, backend):   # the torch path needs no launch facts
-        _check_inv_scale(inv_scale)
-        return reference.finalize_(list(grads), inv_scale, max_norm, apply)
     if facts is None:
         facts = group.facts_of(grads, key, check=lambda ts: _check_tensors(ts, "grads", where))
     _check_grad_dtypes(facts, where)
@@ -121,7 +117,7 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
     fast_ok = facts.dtype_set <= _FAST_SET and facts.dense_failure() is None
     chosen = _choose(device, backend, fast_ok)
     if chosen == "torch":
-        return reference.finalize_(list(grads), _inv_tensor(inv_scale, device, torch.float64), max_norm, apply)
+        return reference.finalize_(list(grads), inv_scale, max_norm, apply)
     inv = _inv_tensor(inv_scale, device, torch.float32)
     if chosen == "triton":
         from . import finalize as tri
@@ -136,6 +132,11 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
     return result[0], result[1]
 
 
+def _finalize_torch(grads: Sequence[torch.Tensor], inv_scale, max_norm: float | None, apply: bool):
+    _check_inv_scale(inv_scale)
+    return reference.finalize_(list(grads), inv_scale, max_norm, apply)
+
+
 def _plain(grads: Sequence[torch.Tensor], backend: str | None) -> bool:
     """Will ``grads`` take the torch path, and are they fit for it (tensors of gradient dtypes on one
     device)? Then no facts are made: on the CPU, fresh gradients every step would pay for them
@@ -147,7 +148,7 @@ def _plain(grads: Sequence[torch.Tensor], backend: str | None) -> bool:
         return False
     return (all(issubclass(t, torch.Tensor) for t in set(map(type, grads)))
             and set(map(group.DTYPE, grads)) <= _GRAD_SET
-            and (all(map(_IS_CPU, grads)) if first.is_cpu else len(set(map(group.DEVICE, grads))) == 1))
+            and (all(map(group.IS_CPU, grads)) if first.is_cpu else len(set(map(group.DEVICE, grads))) == 1))
 
 
 # ---------------------------------------------------------------- checks: before anything is written

@@ -38,6 +38,7 @@ MAX_ENTRIES = 64
 DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 DEVICE = operator.attrgetter("device")
+IS_CPU = operator.attrgetter("is_cpu")
 NONE_ID = id(None)
 
 _entries: OrderedDict[tuple[int, ...], "Facts"] = OrderedDict()

@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections import defaultdict
 
 import torch
+
+from .group import DEVICE, DTYPE, IS_CPU
 
 CLIP_EPS = 1e-6  # clip_grad_norm_'s epsilon
 # A square below fp32's smallest normal (2**-126) loses digits or is flushed to zero, so an fp32
@@ -23,9 +24,6 @@ CLIP_EPS = 1e-6  # clip_grad_norm_'s epsilon
 # vanishing gradients, every step.
 UNDERFLOW_BOUND = 2.0 ** -102
 SURELY_CLEAR = UNDERFLOW_BOUND * 2.0 ** 63    # a sum of squares this large needs no check (any numel)
-_DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
-_IS_CPU = operator.attrgetter("is_cpu")
 DOT_FROM = 1 << 16     # fp32 tensors this large are squared by BLAS's dot
 
 
@@ -169,8 +167,8 @@ def finalize_(grads: list[torch.Tensor], inv_scale, max_norm: float | None, appl
 
 def _by_dtype(grads: list[torch.Tensor]) -> dict:
     first = grads[0]
-    if len(set(map(_DTYPE, grads))) == 1 and (all(map(_IS_CPU, grads)) if first.is_cpu
-                                               else len(set(map(_DEVICE, grads))) == 1):   # the usual case
+    if len(set(map(DTYPE, grads))) == 1 and (all(map(IS_CPU, grads)) if first.is_cpu
+                                               else len(set(map(DEVICE, grads))) == 1):   # the usual case
         return {(first.device, first.dtype): grads}
     groups: dict = defaultdict(list)
     for g in grads:
