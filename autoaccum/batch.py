@@ -72,14 +72,12 @@ def split(batch: Any, sizes: list[int]) -> list[Any]:
         raise ValueError(f"sizes {sizes} must be positive and sum to the batch's {n} samples")
     if isinstance(batch, torch.Tensor):
         return list(batch.split_with_sizes(sizes))
-    kind = type(batch)
-    if kind in (tuple, list, dict):   # the common flat batches: no container rebuilt leaf by leaf
-        values = list(batch.values()) if kind is dict else batch
-        if all(isinstance(v, torch.Tensor) for v in values):
-            columns = zip(*(v.split_with_sizes(sizes) for v in values))
-            if kind is dict:
-                return [dict(zip(batch.keys(), row)) for row in columns]
-            return [kind(row) for row in columns]
+    flat = _flat(batch)
+    if flat is not None:              # the common flat batches: no container rebuilt leaf by leaf
+        columns = zip(*(v.split_with_sizes(sizes) for v in flat))
+        if type(batch) is dict:
+            return [dict(zip(batch.keys(), row)) for row in columns]
+        return [type(batch)(row) for row in columns]
     bounds = np.cumsum(sizes)[:-1]
     pieces = map_leaves(batch, lambda leaf: _Cut(leaf.split(sizes) if isinstance(leaf, torch.Tensor)
                                                  else np.split(leaf, bounds)))
