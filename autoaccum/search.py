@@ -152,7 +152,7 @@ def _next_size(trials: list[Trial], lo: int, hi: int, cap: int, target: float,
         a, b = _secant_points(measured, target)
         if allocator and b.peak_bytes <= target and abs(_bytes(b) - _bytes(a)) < MIN_RISE and 8 * lo < hi:
             return min(8 * lo, cap)
-        guess = _local_model(trials, target).max_micro_batch(target - (BLOCK if allocator else 0))
+        guess = _local_model(measured, target).max_micro_batch(target - (BLOCK if allocator else 0))
     elif len(measured) == 1:
         t = measured[0]
         if t.peak_bytes > target and hint is not None and hint.per_sample_bytes > 0:
@@ -203,10 +203,9 @@ def _safe_extrapolation(t: Trial, target: float) -> int:
     return t.micro_batch + int(0.85 * (target - t.peak_bytes) / per_sample_upper)
 
 
-def _local_model(trials: list[Trial], target: float) -> MemoryModel:
-    """Secant through the two measured trials that best describe the curve near the limit
-    (:func:`_secant_points`), with the optimizer step's peak as a floor."""
-    measured = _measured(trials)
+def _local_model(measured: list[Trial], target: float) -> MemoryModel:
+    """Secant through the two measured trials (:func:`_measured`) that best describe the curve near
+    the limit (:func:`_secant_points`), with the optimizer step's peak as a floor."""
     under = [t for t in measured if t.peak_bytes <= target]
     a, b = _secant_points(measured, target)
     # The optimizer step's peak is a floor for every size only where it was measured under the
@@ -238,10 +237,10 @@ def fit_model(trials: list[Trial], target: float) -> MemoryModel | None:
     """The model reported in results: the local secant, or a flat line through a single trial."""
     measured = _measured(trials)
     if len(measured) >= 2:
-        return _local_model(trials, target)
+        return _local_model(measured, target)
     if len(measured) == 1:
         t = measured[0]
-        return MemoryModel(fixed_bytes=float(t.forward_backward_bytes or t.peak_bytes), per_sample_bytes=0.0,
+        return MemoryModel(fixed_bytes=float(_bytes(t)), per_sample_bytes=0.0,
                            step_bytes=float(t.step_bytes or 0))
     return None
 
