@@ -1,5 +1,5 @@
-"""What each of the trainer's per-step guarantees costs: the tiny-MLP case of ``bench_trainer.py``
-run with one part replaced by a stub, against the same hand loop.
+"""What each of the trainer's per-step guarantees costs: ``bench_trainer.py``'s tiny-MLP case (its
+``run_case``, against its hand loop) run with one part replaced by a stub.
 
 The stubs break the guarantee they remove (a stubbed snapshot restores nothing, a stubbed
 finalize checks nothing), so this measures cost only: the difference between the ``none`` row
@@ -11,19 +11,14 @@ leaves them (several times its cost in a tight loop of its own).
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import autoaccum  # noqa: E402
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from autoaccum import trainer as trainer_module  # noqa: E402
+from bench_trainer import cases, run_case  # noqa: E402
 
 PARTS = ("none", "streams", "numpy", "finalize", "writes", "prepare")
 
@@ -51,48 +46,11 @@ def stub(part: str) -> None:
         t.Trainer._prepare = lambda self, batch: memo["r"] if "r" in memo else memo.setdefault("r", real(self, batch))
 
 
-def measure(rounds: int, steps: int) -> tuple[float, float]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
-    twin = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(256, 32, generator=g), torch.randint(0, 10, (256,), generator=g))
-
-    def ce(m, b):
-        return F.cross_entropy(m(b[0]), b[1])
-
-    trainer = autoaccum.fit(model, 256, torch.optim.AdamW(model.parameters(), lr=1e-3), loss_fn=ce, micro_batch=16)
-    opt = torch.optim.AdamW(twin.parameters(), lr=1e-3)
-    sizes = trainer.plan.micro_batches
-
-    def hand():
-        x, y = batch
-        for xs, ys in zip(x.split(sizes), y.split(sizes)):
-            (ce(twin, (xs, ys)) * (len(xs) / 256)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(30):
-        trainer.step(batch)
-        hand()
-    ours, theirs = [], []
-    for _ in range(rounds):
-        start = time.process_time()
-        for _ in range(steps):
-            trainer.step(batch)
-        ours.append((time.process_time() - start) / steps)
-        start = time.process_time()
-        for _ in range(steps):
-            hand()
-        theirs.append((time.process_time() - start) / steps)
-    return statistics.median(ours), statistics.median(theirs)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=PARTS, help="run one part in this process (the driver runs each in its own)")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=0, help="steps per round (0: as many as last 0.1 s)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.part is None:                   # each part in a fresh process: stubs must not leak
@@ -102,9 +60,10 @@ def main() -> None:
                             "--steps", str(args.steps)], check=True)
         return
     stub(args.part)
-    ours, theirs = measure(args.rounds, args.steps)
-    print(f"{args.part:<9} trainer {ours * 1e6:7.1f} us  hand {theirs * 1e6:7.1f} us  "
-          f"overhead {(ours - theirs) * 1e6:6.1f} us  ratio {ours / theirs:.3f}", flush=True)
+    row = run_case("tiny_mlp", cases(1.0)["tiny_mlp"], torch.device("cpu"), args.steps, args.rounds)
+    ours, theirs = row["trainer_ms"] * 1e3, row["hand_ms"] * 1e3
+    print(f"{args.part:<9} trainer {ours:7.1f} us  hand {theirs:7.1f} us  "
+          f"overhead {ours - theirs:6.1f} us  ratio {row['ratio']:.3f}", flush=True)
 
 
 if __name__ == "__main__":
