@@ -11,7 +11,9 @@ tensors and models what differs on a GPU:
 * the caching allocator rounds every block up to 512 bytes (modelled);
 * cuBLAS/cuBLASLt keep a workspace in the allocator (``workspace_bytes``, default 32 MiB);
 * the CUDA context and kernels take memory outside torch (``context_bytes``, default 512 MiB,
-  subtracted from ``device_memory``).
+  subtracted from ``device_memory``);
+* torch.optim left to choose runs its ``foreach`` kernels on CUDA, not the CPU's per-tensor loop
+  (modelled: the fake optimizer is told ``foreach=True``).
 
 What it cannot see: fragmentation of the caching allocator (covered by the same headroom the
 probe keeps), cuDNN convolution workspaces chosen at run time, kernels that differ between
@@ -144,7 +146,7 @@ class _DryRun:
         from torch._subclasses.fake_tensor import FakeTensorMode  # heavy; only the estimator needs it
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)   # sample(n) may slice real data
         fake_model, fake_of = _fake_copy(model, self.mode)
-        fake_opt = _fake_optimizer(optimizer, fake_of, self.mode) if optimizer is not None else None
+        fake_opt = _fake_optimizer(optimizer, fake_of, self.mode, cuda) if optimizer is not None else None
         mode = self.mode
 
         def make_batch(n: int):
@@ -216,13 +218,30 @@ def _fake_copy(model: nn.Module, mode) -> tuple[nn.Module, dict[int, torch.Tenso
     return copy.deepcopy(model, memo), fake_of
 
 
-def _fake_optimizer(optimizer, fake_of: dict[int, torch.Tensor], mode):
-    groups = [{**{k: v for k, v in g.items() if k != "params"},
-               "params": [fake_of[id(p)] for p in g["params"] if id(p) in fake_of]} for g in optimizer.param_groups]
-    groups = [g for g in groups if g["params"]]
+def _fake_optimizer(optimizer, fake_of: dict[int, torch.Tensor], mode, cuda: bool):
+    """``optimizer``'s class and hyperparameters over the fake parameters. torch.optim picks its
+    implementation by device: left to choose (``foreach=None``), it loops tensor by tensor on the
+    CPU but runs the ``foreach`` kernels on CUDA, whose temporaries span every parameter at once
+    (on a wide MLP the step's peak differs by the largest weight's size). Modelling a GPU, the fake
+    optimizer is told to take CUDA's path."""
+    groups = []
+    for g in optimizer.param_groups:
+        params = [fake_of[id(p)] for p in g["params"] if id(p) in fake_of]
+        if not params:
+            continue
+        group = {**{k: v for k, v in g.items() if k != "params"}, "params": params}
+        if cuda and _defaults_to_foreach_on_cuda(group):
+            group["foreach"] = True
+        groups.append(group)
     try:
         with mode:
             return type(optimizer)(groups)
     except Exception as e:
         raise TypeError(f"estimate could not rebuild {type(optimizer).__name__} over fake parameters ({e}); "
                         f"pass an optimizer whose constructor takes param groups, or optimizer=None") from e
+
+
+def _defaults_to_foreach_on_cuda(group: dict) -> bool:
+    """Would torch.optim take its ``foreach`` path for this group on CUDA (``_default_to_fused_or_foreach``)?"""
+    return ("foreach" in group and group["foreach"] is None and not group.get("fused")
+            and not group.get("differentiable"))
