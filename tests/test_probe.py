@@ -1,4 +1,5 @@
 """autoaccum.probe on the CPU: real trials measured by the tracker, state restored bitwise, cache."""
+import contextlib
 import json
 import random
 import subprocess
@@ -244,3 +245,41 @@ def test_notes_tell_the_truth_about_the_limit():
     assert any("memory_budget 64.00 MiB caps" in n for n in budgeted.notes)
     default = autoaccum.probe(model, regression_batch(4), loss_fn=mse_loss, cache=False, max_micro_batch=8)
     assert any("50% of available RAM by default" in n for n in default.notes), default.notes
+
+
+@pytest.mark.parametrize("accum_dtype", [None, torch.float32])
+def test_an_allocator_trial_replays_the_real_steps_order_of_events(accum_dtype):
+    """On a caching allocator (CUDA) a trial starts with no gradients and runs two micro-batches, as a
+    real step does; exercised here with the CPU tracker standing in for the allocator. Its peak must
+    equal both the one-micro-batch trial's (live bytes cannot tell them apart) and the ruler's real
+    two-micro-batch Trainer.step at the same size."""
+    from autoaccum.buffer import GradBuffer
+    from autoaccum.tracker import LiveBytes
+    from autoaccum.trial import TrackerMeter, TrialRunner, persistent_tensors
+
+    class AllocatorStandIn(TrackerMeter):
+        allocator = True
+
+    make_model, make_sample, loss_fn, _ = CASES["mlp"]
+    n, peaks = 24, {}
+    for meter_type in (TrackerMeter, AllocatorStandIn):
+        model = make_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        buffer = GradBuffer(list(model.parameters()), accum_dtype) if accum_dtype is not None else None
+        seen = []
+        model.register_forward_pre_hook(lambda m, args: seen.append(all(p.grad is None for p in m.parameters())))
+        tracker = LiveBytes(persistent_tensors(model, opt) + (list(buffer.flat.values()) if buffer else []))
+        runner = TrialRunner(model, opt, make_sample, loss_fn, None, torch.device("cpu"), meter_type(tracker), buffer)
+        with tracker, (buffer.capturing() if buffer is not None else contextlib.nullcontext()):
+            runner(n)            # optimizer state now exists, as in steady state
+            seen.clear()
+            peaks[meter_type] = runner(n).peak_bytes
+        if meter_type is AllocatorStandIn:
+            assert seen == [True, accum_dtype is not None], seen   # two forwards; gradients only from the first
+        else:
+            assert seen == [accum_dtype is not None]
+    setup = ruler.Setup(lambda: (make_model(), lambda params: torch.optim.AdamW(params, lr=1e-3)),
+                        make_sample, loss_fn)
+    real = ruler.step_peak(setup, n, torch.device("cpu"))
+    assert peaks[AllocatorStandIn] == peaks[TrackerMeter]
+    assert abs(peaks[AllocatorStandIn] - real) <= 0.02 * real, (peaks, real)
