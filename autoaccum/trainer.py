@@ -27,6 +27,7 @@ import inspect
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from .distributed import Agreement, PeerFailure, PeerStopped, PreForward, Topolo
 from .checks import check_bool, check_count, check_int
 from .loss import LossFn, WeightedLoss, autocast, compute_loss
 from .memory import NotEnoughMemoryError, release_memory
+from .outcome import DeviceOutcome, RevocableSchedulerStep, settled_fields
 from .plan import Plan
 from .plan import plan as make_plan
 from .progress import Progress
@@ -57,7 +59,8 @@ log = logging.getLogger("autoaccum")
 
 @dataclass
 class StepStats:
-    """What one :meth:`Trainer.step` did."""
+    """What one :meth:`Trainer.step` did. With a fused optimizer on CUDA, ``loss``, ``grad_norm``
+    and ``skipped`` come from the device when first read (:mod:`autoaccum.outcome`)."""
 
     loss: float                 # item-weighted mean loss over the whole (global) batch
     grad_norm: float | None     # total norm before clipping (only when max_grad_norm is set)
@@ -70,6 +73,14 @@ class StepStats:
     oom_retries: int = 0        # attempts thrown away because a micro-batch ran out of memory
     micro_batch_limit: int = 0  # the plan's micro-batch limit after this step
     events: list[str] = field(default_factory=list)   # notable things that happened, also logged
+
+    @property
+    def settled(self) -> bool:
+        """Are ``loss``, ``grad_norm`` and ``skipped`` known on the host (reading them waits for nothing)?"""
+        return self.__dict__.get("_settle") is None
+
+
+settled_fields(StepStats, ("loss", "grad_norm", "skipped"))
 
 
 @dataclass
@@ -113,8 +124,14 @@ class Trainer:
         self.oom_retry = oom_retry
         self.max_micro_batch = plan.micro_batch if plan else 0   # the first plan's; regrowth never exceeds it
         self.scaler = LossScaler(device) if amp_dtype == torch.float16 else None
-        self.steps = 0          # optimizer updates applied
-        self.skipped_steps = 0  # steps skipped for non-finite values
+        self._steps = 0          # optimizer updates applied (``steps``)
+        self._skipped_steps = 0  # steps skipped for non-finite values (``skipped_steps``)
+        self._pending: _Pending | None = None   # the last step's outcome, still on the device
+        # A fused optimizer skips on the device (found_inf), so the host need not know before stepping
+        # it; a scheduler's step is then taken back later, which needs its state_dict.
+        self._defer = (device.type == "cuda" and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+                       and not self.topology.shards_gradients
+                       and (scheduler is None or RevocableSchedulerStep.possible(scheduler)))
         self.oom_retries = 0    # attempts discarded after an out-of-memory error, over the whole run
         self._regrow = Regrow(regrow_after)
         self._running_stats = RunningStats(model, batchnorm)
@@ -129,6 +146,24 @@ class Trainer:
         self.closed = False
         self._committed = False   # within step(): the optimizer has written, so the step must complete
         self._zero_grad_kwargs = _zero_grad_kwargs(optimizer)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer updates applied."""
+        self._settle()
+        return self._steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose update was skipped for a non-finite loss or gradient."""
+        self._settle()
+        return self._skipped_steps
+
+    def _settle(self) -> None:
+        """Read the last step's outcome if it is still on the device (see :mod:`autoaccum.outcome`)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.settle()
 
     # ------------------------------------------------------------------ one optimizer step
     def step(self, batch: Any) -> StepStats:
@@ -467,22 +502,45 @@ class Trainer:
         norm, found_inf, grad_scale = finalize([g for _, g in pairs], inv_scale, self.max_grad_norm,
                                                self.optimizer, sharded=topo.shards_gradients, sum_=topo.sum_,
                                                backend=self.backend)
+        self._settle()                 # the previous step's outcome, copied long ago: before this step's lr is read
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
+        if self._defer:
+            return self._update_on_device(pairs, loss_t, norm, found_inf, grad_scale, lr)
         loss = float(loss_t)           # the host sync of the step
         norm_value = float(norm)
         skipped = bool(found_inf) or not math.isfinite(loss)
-        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
         if skipped:
-            self.skipped_steps += 1
+            self._skipped_steps += 1
         else:
             self._optimizer_step(pairs, grad_scale, found_inf)
             self._committed = True                     # the update stands, whatever raises after it
         self._after_update(found_inf, stepped=not skipped)
-        events = ([f"skipped the update: {'loss' if not math.isfinite(loss) else 'gradient norm'} "
-                   f"is not finite"] if skipped else [])
         return StepStats(loss=loss, grad_norm=norm_value if self.max_grad_norm is not None else None,
-                         skipped=skipped, micro_batches=[], items=0, lr=lr, events=events)
+                         skipped=skipped, micro_batches=[], items=0, lr=lr,
+                         events=[_skip_message(loss)] if skipped else [])
 
-    def _optimizer_step(self, pairs, grad_scale, found_inf) -> None:
+    def _update_on_device(self, pairs, loss_t, norm, found_inf, grad_scale, lr) -> StepStats:
+        """The update for an optimizer that skips on the device: stepped with the skip flag, counted
+        and scheduled as if it stood, and taken back when the outcome, read later, says it was skipped."""
+        loss64 = torch.as_tensor(loss_t, dtype=torch.float64, device=found_inf.device).reshape(())
+        flag = ((found_inf > 0) | ~torch.isfinite(loss64)).float()
+        outcome = DeviceOutcome(loss64, norm, flag)
+        revocable: list[RevocableSchedulerStep] = []
+        self._optimizer_step(pairs, grad_scale, found_inf, flag, revocable)
+        self._committed = True
+        self._after_update(found_inf, stepped=True, revocable=revocable)
+        stats = StepStats(loss=math.nan, grad_norm=None, skipped=False, micro_batches=[], items=0, lr=lr)
+        self._pending = _Pending(self, stats, outcome, revocable[0] if revocable else None)
+        return stats
+
+    def _taken_back(self, revocable: RevocableSchedulerStep | None) -> None:
+        """A step counted as applied turned out skipped: count it as skipped, take the scheduler's step back."""
+        self._steps -= 1
+        self._skipped_steps += 1
+        if revocable is not None:
+            revocable.undo()
+
+    def _optimizer_step(self, pairs, grad_scale, found_inf, skip_flag=None, revocable=None) -> None:
         """``optimizer.step`` with a fault on either side of its first write handled (see README,
         "Reliability"): raised before it wrote anything, the optimizer's state is put back and the
         step fails whole (the caller rolls back the rest); raised after, the update stands, so the
@@ -490,23 +548,28 @@ class Trainer:
         error goes on, and counters, scheduler and parameters agree."""
         writes = OptimizerWrites(self.optimizer)
         try:
-            self.updater.step(self.optimizer, pairs, grad_scale, found_inf)
+            self.updater.step(self.optimizer, pairs, grad_scale, found_inf if skip_flag is None else skip_flag)
         except BaseException as e:
             if not writes.wrote():
                 writes.undo()
                 raise
             self._committed = True
-            self._after_update(found_inf, stepped=True)
+            self._after_update(found_inf, stepped=True, revocable=revocable)
             e.add_note("autoaccum: the optimizer had already written when this was raised, so the update "
                        "stands and the step was completed (counted, scheduler stepped, gradients freed)")
             raise
 
-    def _after_update(self, found_inf: torch.Tensor, stepped: bool) -> None:
+    def _after_update(self, found_inf: torch.Tensor, stepped: bool, revocable: list | None = None) -> None:
+        """Count the update, step the scheduler (into ``revocable`` when it may be taken back) and the
+        loss scale, free the gradients."""
         try:
             if stepped:
-                self.steps += 1
+                self._steps += 1
                 if self.scheduler is not None:
-                    self.scheduler.step()
+                    if revocable is None:
+                        self.scheduler.step()
+                    else:
+                        revocable.append(RevocableSchedulerStep(self.scheduler, self.optimizer))
             if self.scaler is not None:
                 self.scaler.update(found_inf)  # lowers the scale after inf/nan, grows it after clean runs
         finally:
@@ -545,6 +608,7 @@ class Trainer:
         (a micro-batch lowered after an out-of-memory stays lowered), the regrowth state and, unless
         ``rng=False``, the random streams autoaccum manages (torch CPU and CUDA, numpy, Python)."""
         check_bool("rng", rng, "save the random streams")
+        self._settle()
         return {"optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -569,8 +633,9 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.steps = state.get("steps", 0)
-        self.skipped_steps = state.get("skipped_steps", 0)
+        self._settle()
+        self._steps = state.get("steps", 0)
+        self._skipped_steps = state.get("skipped_steps", 0)
         self.oom_retries = state.get("oom_retries", 0)
         if ckpt.plan is not None:
             if self.plan is None:
@@ -585,6 +650,7 @@ class Trainer:
     def close(self) -> None:
         """Take the gradient buffer's hooks off the parameters and free the buffer. They are inert
         outside :meth:`step` and go when the trainer is garbage-collected; this makes it immediate."""
+        self._settle()
         if self.buffer is not None:
             self.buffer.remove()
             self.buffer = None
@@ -655,6 +721,36 @@ def _zero_grad_kwargs(optimizer) -> dict | None:
         return {}
     takes = "set_to_none" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     return {"set_to_none": True} if takes else {}
+
+
+class _Pending:
+    """A step whose outcome is still on the device: settled once, by whoever reads first (its
+    stats, the trainer's counters or checkpoint, the next step). It holds the trainer weakly, so
+    stats kept after the trainer is gone still read their values."""
+
+    def __init__(self, trainer: Trainer, stats: StepStats, outcome: DeviceOutcome,
+                 revocable: RevocableSchedulerStep | None):
+        self.trainer, self.stats, self.outcome, self.revocable = weakref.ref(trainer), stats, outcome, revocable
+        self.with_norm = trainer.max_grad_norm is not None
+        stats.__dict__["_settle"] = self.settle
+
+    def settle(self) -> None:
+        stats = self.stats
+        if stats.__dict__.pop("_settle", None) is None:
+            return
+        loss, norm, skipped = self.outcome.read()
+        stats.loss, stats.grad_norm, stats.skipped = loss, (norm if self.with_norm else None), skipped
+        trainer = self.trainer()
+        if trainer is not None and trainer._pending is self:
+            trainer._pending = None
+        if skipped:
+            stats.events.append(_skip_message(loss))
+            if trainer is not None:
+                trainer._taken_back(self.revocable)
+
+
+def _skip_message(loss: float) -> str:
+    return f"skipped the update: {'loss' if not math.isfinite(loss) else 'gradient norm'} is not finite"
 
 
 def _as_number(x: float) -> int | float:

@@ -36,8 +36,9 @@ class Updater:
 
     def step(self, optimizer, pairs: list[tuple[nn.Parameter, torch.Tensor]],
              grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
-        """Install gradients, step ``optimizer`` (passing ``grad_scale``/``found_inf`` to a fused one)."""
-        swapped = []
+        """Install gradients, step ``optimizer`` (passing ``grad_scale``/``found_inf`` to one that takes
+        them: torch's fused optimizers)."""
+        swapped, lent = [], []
         try:
             for p, g in pairs:
                 if p.grad is g:
@@ -52,15 +53,17 @@ class Updater:
                     p.grad = g
                 else:
                     p.grad = g.to(p.dtype)       # accumulated exactly in fp32, cast once for the update
-            if grad_scale is not None:
-                optimizer.grad_scale = grad_scale   # fused optimizers divide the gradients by it
-                optimizer.found_inf = found_inf
+            if getattr(optimizer, "_step_supports_amp_scaling", False):
+                # fused optimizers divide the gradients by grad_scale, and skip the whole update on
+                # the device when found_inf is set
+                lent = [(k, v) for k, v in (("grad_scale", grad_scale), ("found_inf", found_inf)) if v is not None]
+                for k, v in lent:
+                    setattr(optimizer, k, v)
             optimizer.step()
         finally:
-            if grad_scale is not None:
-                for name in ("grad_scale", "found_inf"):
-                    if hasattr(optimizer, name):
-                        delattr(optimizer, name)
+            for k, _ in lent:
+                if hasattr(optimizer, k):
+                    delattr(optimizer, k)
             for p, low, master in swapped:
                 p.data = low
                 with torch.no_grad():

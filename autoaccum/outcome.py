@@ -1,0 +1,100 @@
+"""A step's outcome read late, so that the host never waits for the device inside a step.
+
+Whether a step is skipped (a non-finite loss or gradient) is known on the device. Reading it on
+the host before the optimizer step drains the device's queue every step: the host's own work
+between steps (the next batch's split, counting, the random-stream snapshot, the launches) then
+runs while the device idles. On an H200, MLPs with 4.7 ms steps ran 1.16-1.19x the time of a
+hand loop that never reads anything.
+
+An optimizer that takes ``found_inf`` (torch's fused Adam, AdamW, SGD) skips on the device by
+itself, so the trainer can step it without knowing. The trainer then carries on as if the step
+stood: counts it and steps the scheduler, keeping what :class:`RevocableSchedulerStep` needs to
+take that back. The loss, the norm and the flag go to pinned host memory in one copy that does
+not wait (:class:`DeviceOutcome`). They are read when somebody asks (the step's
+:class:`~autoaccum.StepStats`, ``trainer.steps``, a checkpoint) or, at the latest, at the next
+step's update, before its optimizer step reads the learning rate. By then the copy is long done,
+while the device still works through the next step's backward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class DeviceOutcome:
+    """``(loss, norm, skip flag)`` of a step, on its way to the host; :meth:`read` waits for that copy only."""
+
+    __slots__ = ("_host", "_event", "_values")
+
+    def __init__(self, loss: torch.Tensor, norm: torch.Tensor, flag: torch.Tensor):
+        packed = torch.stack([loss.reshape(()).double(), norm.reshape(()).double(), flag.reshape(()).double()])
+        self._event = None
+        if packed.is_cuda:
+            self._host = torch.empty(3, dtype=torch.float64, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = packed
+        self._values: tuple[float, float, bool] | None = None
+
+    def read(self) -> tuple[float, float, bool]:
+        """``(loss, norm, skipped)``: skipped when the flag is set or the loss is not finite."""
+        if self._values is None:
+            if self._event is not None:
+                self._event.synchronize()
+            loss, norm, flag = self._host.tolist()
+            self._values = (loss, norm, flag > 0 or not math.isfinite(loss))
+            self._host = self._event = None
+        return self._values
+
+
+class RevocableSchedulerStep:
+    """``scheduler.step()`` that can be taken back: the scheduler's state and the optimizer's
+    hyperparameters as they were before it. Taking it back restores a hyperparameter only where
+    it still has the value the scheduler's step gave it (a learning rate the user set by hand
+    since then stays)."""
+
+    def __init__(self, scheduler, optimizer):
+        self.scheduler, self.optimizer = scheduler, optimizer
+        self.state = scheduler.state_dict()
+        self.before = _hyperparameters(optimizer)
+        scheduler.step()
+        self.after = _hyperparameters(optimizer)
+
+    @staticmethod
+    def possible(scheduler) -> bool:
+        return callable(getattr(scheduler, "state_dict", None)) and callable(getattr(scheduler, "load_state_dict", None))
+
+    def undo(self) -> None:
+        self.scheduler.load_state_dict(self.state)
+        for group, before, after in zip(self.optimizer.param_groups, self.before, self.after):
+            for key, value in before.items():
+                if key in after and group.get(key) is after[key]:
+                    group[key] = value
+
+
+def _hyperparameters(optimizer) -> list[dict]:
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def settled_fields(cls, names: tuple[str, ...]):
+    """Make ``names`` of the dataclass ``cls`` properties that settle a pending outcome first:
+    an instance whose ``_settle`` is set calls it on the first read of any of them."""
+    def make(name: str):
+        key = "_" + name
+
+        def get(self):
+            settle = self.__dict__.get("_settle")
+            if settle is not None:
+                settle()
+            return self.__dict__[key]
+
+        def set_(self, value):
+            self.__dict__[key] = value
+        return property(get, set_, doc=f"{name} (read from the device when first asked for)")
+
+    for name in names:
+        setattr(cls, name, make(name))
+    return cls
