@@ -106,15 +106,16 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return (time.process_time() - start) / steps
 
 
-def run_case(name, case, device, steps, repeat):
+def run_case(name, case, device, steps, repeat, fused=False):
     build, batch, loss_fn, count_fn, micro, clip = case
     torch.manual_seed(0)
     ours = build().to(device)
     theirs = copy.deepcopy(ours)
     batch = autoaccum.batch.to_device(batch, device)
-    trainer = autoaccum.fit(ours, autoaccum.batch.batch_size(batch), torch.optim.AdamW(ours.parameters(), lr=1e-3),
+    adamw = lambda params: torch.optim.AdamW(params, lr=1e-3, fused=fused or None)  # noqa: E731
+    trainer = autoaccum.fit(ours, autoaccum.batch.batch_size(batch), adamw(ours.parameters()),
                             loss_fn=loss_fn, count_fn=count_fn, micro_batch=micro, max_grad_norm=clip)
-    opt = torch.optim.AdamW(theirs.parameters(), lr=1e-3)
+    opt = adamw(theirs.parameters())
     sizes = trainer.plan.micro_batches
     both = lambda: (trainer.step(batch), hand_step(theirs, opt, batch, sizes, loss_fn, count_fn, clip))  # noqa: E731
     timed(both, 3, device)    # warm-up (first steps build optimizer state, kernels, workspaces); both twins
@@ -127,7 +128,8 @@ def run_case(name, case, device, steps, repeat):
         rounds.append((a, b))
     ratio = statistics.median(a / b for a, b in rounds)
     diff = max((p - q).abs().max().item() for p, q in zip(ours.parameters(), theirs.parameters()))
-    return {"model": name, "micro_batches": trainer.plan.micro_batches, "clip": clip, "steps_per_round": steps,
+    return {"model": name, "micro_batches": trainer.plan.micro_batches, "clip": clip, "fused": fused,
+            "steps_per_round": steps,
             "trainer_ms": 1e3 * statistics.median(a for a, _ in rounds),
             "hand_ms": 1e3 * statistics.median(b for _, b in rounds), "ratio": ratio, "max_param_diff": diff}
 
@@ -139,6 +141,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--models", default=",".join(cases(1.0)))
+    ap.add_argument("--fused", action="store_true",
+                    help="both sides use AdamW(fused=True): on CUDA the trainer then never waits for the device")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: overhead is not hidden by idle cores)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -150,7 +154,8 @@ def main():
            "command": " ".join(["python", *sys.argv])}
     print(f"# {env['date']}  {env['device']}  torch {env['torch']}  {args.threads} thread(s)\n# {env['command']}")
     all_cases = cases(args.scale)
-    rows = [run_case(name, all_cases[name], device, args.steps, args.repeat) for name in args.models.split(",")]
+    rows = [run_case(name, all_cases[name], device, args.steps, args.repeat, args.fused)
+            for name in args.models.split(",")]
     print(f"{'model':<19}{'micro-batches':>14}{'trainer ms':>12}{'hand ms':>9}{'ratio':>7}{'param diff':>12}")
     for r in rows:
         print(f"{r['model']:<19}{len(r['micro_batches']):>14}{r['trainer_ms']:>12.2f}{r['hand_ms']:>9.2f}"
