@@ -12,15 +12,18 @@ namespace {
 template <typename G, bool ASSIGN>
 __global__ void __launch_bounds__(kThreads) accumulate_kernel(TensorList<2> list, float weight) {
   constexpr int N = VectorWidth<G>::value;
-  const int tensor = list.block_to_tensor[blockIdx.x];
-  const int64_t chunk = list.block_to_chunk[blockIdx.x];
+  const int tensor = tensor_of_block(list, blockIdx.x);
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) - list.first_block[tensor];
   const int64_t n = list.sizes[tensor];
-  float* acc = static_cast<float*>(list.addresses[0][tensor]);
-  const G* grad = static_cast<const G*>(list.addresses[1][tensor]);
+  // restrict: an accumulator and its gradient never share memory, so loads of later vectors may be
+  // issued before earlier stores (more bytes in flight per thread)
+  float* __restrict__ acc = static_cast<float*>(list.addresses[0][tensor]);
+  const G* __restrict__ grad = static_cast<const G*>(list.addresses[1][tensor]);
   const int64_t begin = chunk * kChunk;
   const int64_t end = begin + kChunk < n ? begin + kChunk : n;
   const bool vectorised = aligned_to(acc + begin, N * sizeof(float)) && aligned_to(grad + begin, N * sizeof(G));
   const Stripes s = stripes(begin, end, threadIdx.x, blockDim.x, N, vectorised);
+#pragma unroll 4
   for (int64_t i = s.vec_begin; i < s.vec_end; i += s.vec_step) {
     const Pack<G, N> g = *reinterpret_cast<const Pack<G, N>*>(grad + i);
     Pack<float, N> a{};

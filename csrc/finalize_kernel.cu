@@ -35,8 +35,8 @@ __device__ NormState block_merge(NormState s) {
 template <typename G>
 __global__ void __launch_bounds__(kThreads) partials_kernel(TensorList<1> list, float* part_max, float* part_ssq,
                                                             int* part_bad, int64_t offset) {
-  const int tensor = list.block_to_tensor[blockIdx.x];
-  const int64_t chunk = list.block_to_chunk[blockIdx.x];
+  const int tensor = tensor_of_block(list, blockIdx.x);
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) - list.first_block[tensor];
   const int64_t n = list.sizes[tensor];
   constexpr int N = VectorWidth<G>::value;
   const G* grad = static_cast<const G*>(list.addresses[0][tensor]);
@@ -44,6 +44,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(TensorList<1> list, 
   const int64_t end = begin + kChunk < n ? begin + kChunk : n;
   const Stripes st = stripes(begin, end, threadIdx.x, blockDim.x, N, aligned_to(grad + begin, N * sizeof(G)));
   NormState s = norm_empty();
+#pragma unroll 4
   for (int64_t i = st.vec_begin; i < st.vec_end; i += st.vec_step) {
     const Pack<G, N> g = *reinterpret_cast<const Pack<G, N>*>(grad + i);
 #pragma unroll
@@ -93,14 +94,15 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(TensorList<1> list, con
   const float found_inf = result[1];
   const float scale = result[2];
   if (found_inf != 0.0f || scale == 1.0f) return;  // nothing to write: no traffic
-  const int tensor = list.block_to_tensor[blockIdx.x];
-  const int64_t chunk = list.block_to_chunk[blockIdx.x];
+  const int tensor = tensor_of_block(list, blockIdx.x);
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) - list.first_block[tensor];
   const int64_t n = list.sizes[tensor];
   constexpr int N = VectorWidth<G>::value;
   G* grad = static_cast<G*>(list.addresses[0][tensor]);
   const int64_t begin = chunk * kChunk;
   const int64_t end = begin + kChunk < n ? begin + kChunk : n;
   const Stripes st = stripes(begin, end, threadIdx.x, blockDim.x, N, aligned_to(grad + begin, N * sizeof(G)));
+#pragma unroll 4
   for (int64_t i = st.vec_begin; i < st.vec_end; i += st.vec_step) {
     Pack<G, N> g = *reinterpret_cast<const Pack<G, N>*>(grad + i);
 #pragma unroll

@@ -1,12 +1,17 @@
-// Host test of csrc/element_math.cuh: the arithmetic the CUDA kernels run, compiled by g++.
+// Host test of csrc/element_math.cuh and csrc/multi_tensor.cuh: the arithmetic and the launch
+// planning the CUDA kernels run, compiled by g++.
 // Prints "N passed, M failed" and exits non-zero on any failure.
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <limits>
+#include <map>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "../../csrc/element_math.cuh"
+#include "../../csrc/multi_tensor.cuh"
 
 using namespace autoaccum;
 
@@ -106,6 +111,55 @@ int main() {
         }
       }
     }
+  }
+
+  // Launch planning: every chunk of every non-empty tensor is one block of exactly one launch, found
+  // by the kernels' lookup (tensor_of_block); per-launch block offsets add up; argument blocks fill.
+  std::mt19937_64 plan_rng(11);
+  const std::vector<std::vector<int64_t>> cases = {
+      {}, {0}, {1}, {kChunk}, {kChunk + 1}, {100000000}, {0, 5, 0, 0, 3 * kChunk, 1},
+      std::vector<int64_t>(1000, 1), std::vector<int64_t>(300, 2 * kChunk + 7)};
+  std::vector<std::vector<int64_t>> all = cases;
+  for (int r = 0; r < 20; ++r) {
+    std::vector<int64_t> sizes(1 + plan_rng() % 600);
+    for (auto& x : sizes) x = (plan_rng() % 5 == 0) ? 0 : static_cast<int64_t>(plan_rng() % (4 * kChunk));
+    all.push_back(sizes);
+  }
+  for (const auto& numels : all) {
+    std::vector<std::vector<void*>> addresses(2);
+    for (size_t t = 0; t < numels.size(); ++t) {
+      addresses[0].push_back(reinterpret_cast<void*>(static_cast<uintptr_t>(t + 1)));
+      addresses[1].push_back(reinterpret_cast<void*>(static_cast<uintptr_t>(t + 1) << 20));
+    }
+    std::map<std::pair<size_t, int64_t>, int> seen;
+    bool ok = true;
+    int64_t expected_before = 0, launches = 0;
+    multi_tensor_apply<2>(addresses, numels, [&](const TensorList<2>& list, int blocks, int64_t before) {
+      ++launches;
+      ok = ok && before == expected_before && list.tensors > 0 && list.tensors <= TensorList<2>::kMaxTensors;
+      expected_before += blocks;
+      for (int b = 0; b < blocks; ++b) {
+        const int k = tensor_of_block(list, b);
+        const size_t t = reinterpret_cast<uintptr_t>(list.addresses[0][k]) - 1;
+        const int64_t chunk = b - list.first_block[k];
+        ok = ok && k >= 0 && k < list.tensors && t < numels.size() && list.sizes[k] == numels[t] &&
+             reinterpret_cast<uintptr_t>(list.addresses[1][k]) == (t + 1) << 20 && chunk >= 0 &&
+             chunk < chunks_of(numels[t]);
+        ++seen[{t, chunk}];
+      }
+    });
+    int64_t chunks = 0, tensors = 0;
+    for (size_t t = 0; t < numels.size(); ++t) {
+      chunks += chunks_of(numels[t]);
+      tensors += numels[t] > 0;
+      for (int64_t c = 0; c < chunks_of(numels[t]); ++c) ok = ok && seen[{t, c}] == 1;
+    }
+    ok = ok && static_cast<int64_t>(seen.size()) == chunks && expected_before == count_blocks(numels) &&
+         launches == (tensors + TensorList<2>::kMaxTensors - 1) / TensorList<2>::kMaxTensors;
+    char what[120];
+    std::snprintf(what, sizeof what, "launch plan over %zu tensors (%lld chunks)", numels.size(),
+                  static_cast<long long>(chunks));
+    check(ok, what);
   }
 
   std::printf("%d passed, %d failed\n", passed, failed);
