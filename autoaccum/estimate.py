@@ -242,6 +242,8 @@ def _fake_optimizer(optimizer, fake_of: dict[int, torch.Tensor], mode, cuda: boo
 
 
 def _defaults_to_foreach_on_cuda(group: dict) -> bool:
-    """Would torch.optim take its ``foreach`` path for this group on CUDA (``_default_to_fused_or_foreach``)?"""
+    """Would torch.optim take its ``foreach`` path for this group on CUDA (``_default_to_fused_or_foreach``;
+    torch leaves it off for a Tensor ``lr`` without ``capturable``, which ``foreach=True`` rejects)?"""
     return ("foreach" in group and group["foreach"] is None and not group.get("fused")
-            and not group.get("differentiable"))
+            and not group.get("differentiable")
+            and not (isinstance(group.get("lr"), torch.Tensor) and not group.get("capturable")))

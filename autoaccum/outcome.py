@@ -53,48 +53,52 @@ class DeviceOutcome:
 class RevocableSchedulerStep:
     """``scheduler.step()`` that can be taken back: the scheduler's state and the optimizer's
     hyperparameters as they were before it. Taking it back restores a hyperparameter only where
-    it still has the value the scheduler's step gave it (a learning rate the user set by hand
-    since then stays)."""
+    it still holds what the scheduler's step left (a learning rate the user set by hand since then
+    stays); a Tensor hyperparameter, which schedulers change in place, is compared by value."""
 
     def __init__(self, scheduler, optimizer):
         self.scheduler, self.optimizer = scheduler, optimizer
         self.state = scheduler.state_dict()
         self.before = _hyperparameters(optimizer)
-        scheduler.step()
-        self.after = _hyperparameters(optimizer)
+        self.after: list[dict] | None = None      # None: the step raised part-way; undo restores all
 
     @staticmethod
     def possible(scheduler) -> bool:
         return callable(getattr(scheduler, "state_dict", None)) and callable(getattr(scheduler, "load_state_dict", None))
 
+    def step(self) -> None:
+        self.scheduler.step()
+        self.after = _hyperparameters(self.optimizer)
+
     def undo(self) -> None:
         self.scheduler.load_state_dict(self.state)
-        for group, before, after in zip(self.optimizer.param_groups, self.before, self.after):
-            for key, value in before.items():
-                if key in after and group.get(key) is after[key]:
-                    group[key] = value
+        after = self.after if self.after is not None else [None] * len(self.before)
+        for group, before, left in zip(self.optimizer.param_groups, self.before, after):
+            for key, (held, value) in before.items():
+                if left is None:
+                    _put(group, key, held, value)
+                elif key in left and _holds(group, key, *left[key]):
+                    _put(group, key, held, value)
 
 
 def _hyperparameters(optimizer) -> list[dict]:
-    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    """Per group, ``key -> (the object held, its value)``: a Tensor's value is a copy (schedulers
+    write a Tensor learning rate in place)."""
+    return [{k: (v, v.detach().clone() if isinstance(v, torch.Tensor) else v)
+             for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
 
 
-def settled_fields(cls, names: tuple[str, ...]):
-    """Make ``names`` of the dataclass ``cls`` properties that settle a pending outcome first:
-    an instance whose ``_settle`` is set calls it on the first read of any of them."""
-    def make(name: str):
-        key = "_" + name
+def _holds(group: dict, key: str, held, value) -> bool:
+    current = group.get(key)
+    if isinstance(held, torch.Tensor):
+        return current is held and torch.equal(current, value)
+    return current is held
 
-        def get(self):
-            settle = self.__dict__.get("_settle")
-            if settle is not None:
-                settle()
-            return self.__dict__[key]
 
-        def set_(self, value):
-            self.__dict__[key] = value
-        return property(get, set_, doc=f"{name} (read from the device when first asked for)")
-
-    for name in names:
-        setattr(cls, name, make(name))
-    return cls
+def _put(group: dict, key: str, held, value) -> None:
+    if isinstance(held, torch.Tensor):
+        with torch.no_grad():
+            held.copy_(value)
+        group[key] = held
+    else:
+        group[key] = value

@@ -37,14 +37,15 @@ class Progress:
         self.count += 1
         self.samples += stats.samples
         self._unknown.append(stats)
-        self._count_known()
+        last = self.count == self.total
+        # the first and the last step's outcome are read (waiting for them): there is nothing older to show
+        self._count_known(wait=self._shown is None or last)
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.started
         rate = self.samples / elapsed if elapsed > 0 else 0.0
         largest = max(stats.micro_batches, default=0)
-        last = self.count == self.total
-        shown = stats if self._shown is None or last else self._shown   # the first and last steps': read
+        shown = self._shown
         fields = {"loss": f"{shown.loss:.4f}", "micro-batch": f"{largest} x {len(stats.micro_batches)}",
                   "samples/s": f"{rate:,.0f}"}
         if self.skipped:

@@ -44,7 +44,7 @@ from .distributed import Agreement, PeerFailure, PeerStopped, PreForward, Topolo
 from .checks import check_bool, check_count, check_int
 from .loss import LossFn, WeightedLoss, autocast, compute_loss
 from .memory import NotEnoughMemoryError, release_memory
-from .outcome import DeviceOutcome, RevocableSchedulerStep, settled_fields
+from .outcome import DeviceOutcome, RevocableSchedulerStep
 from .plan import Plan
 from .plan import plan as make_plan
 from .progress import Progress
@@ -77,10 +77,7 @@ class StepStats:
     @property
     def settled(self) -> bool:
         """Are ``loss``, ``grad_norm`` and ``skipped`` known on the host (reading them waits for nothing)?"""
-        return self.__dict__.get("_settle") is None
-
-
-settled_fields(StepStats, ("loss", "grad_norm", "skipped"))
+        return True
 
 
 @dataclass
@@ -127,6 +124,7 @@ class Trainer:
         self._steps = 0          # optimizer updates applied (``steps``)
         self._skipped_steps = 0  # steps skipped for non-finite values (``skipped_steps``)
         self._pending: _Pending | None = None   # the last step's outcome, still on the device
+        self._revocable: list[RevocableSchedulerStep] | None = None   # that step's scheduler step
         # A fused optimizer skips on the device (found_inf), so the host need not know before stepping
         # it; a scheduler's step is then taken back later, which needs its state_dict.
         self._defer = (device.type == "cuda" and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
@@ -161,9 +159,8 @@ class Trainer:
 
     def _settle(self) -> None:
         """Read the last step's outcome if it is still on the device (see :mod:`autoaccum.outcome`)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.settle()
+        if self._pending is not None:
+            self._pending.settle()
 
     # ------------------------------------------------------------------ one optimizer step
     def step(self, batch: Any) -> StepStats:
@@ -223,9 +220,12 @@ class Trainer:
         stats.seconds = time.perf_counter() - started
         stats.oom_retries = retries
         stats.micro_batch_limit = self.plan.micro_batch
-        stats.events = events + stats.events
+        fields = stats.__dict__      # not through the properties of stats still on the device: no wait
+        fields["events"] = events + fields["events"]
+        if isinstance(stats, _UnsettledStepStats):   # its skip message goes where the eager path puts it
+            fields["_pending"].skip_at = len(fields["events"])
         if any(c == 0 for c in counts):
-            stats.events.append(f"skipped {counts.count(0)} micro-batch(es) with no items")
+            fields["events"].append(f"skipped {counts.count(0)} micro-batch(es) with no items")
         return stats
 
     def _size(self, batch: Any) -> None:
@@ -504,7 +504,7 @@ class Trainer:
                                                backend=self.backend)
         self._settle()                 # the previous step's outcome, copied long ago: before this step's lr is read
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
-        if self._defer:
+        if self._defer and self._holds_state(pairs):
             return self._update_on_device(pairs, loss_t, norm, found_inf, grad_scale, lr)
         loss = float(loss_t)           # the host sync of the step
         norm_value = float(norm)
@@ -524,21 +524,48 @@ class Trainer:
         and scheduled as if it stood, and taken back when the outcome, read later, says it was skipped."""
         loss64 = torch.as_tensor(loss_t, dtype=torch.float64, device=found_inf.device).reshape(())
         flag = ((found_inf > 0) | ~torch.isfinite(loss64)).float()
-        outcome = DeviceOutcome(loss64, norm, flag)
-        revocable: list[RevocableSchedulerStep] = []
-        self._optimizer_step(pairs, grad_scale, found_inf, flag, revocable)
-        self._committed = True
-        self._after_update(found_inf, stepped=True, revocable=revocable)
         stats = StepStats(loss=math.nan, grad_norm=None, skipped=False, micro_batches=[], items=0, lr=lr)
-        self._pending = _Pending(self, stats, outcome, revocable[0] if revocable else None)
+        revocable: list[RevocableSchedulerStep] = []
+        pending = _Pending(self, stats, DeviceOutcome(loss64, norm, flag))
+        self._pending, self._revocable = pending, revocable
+        try:
+            self._optimizer_step(pairs, grad_scale, found_inf, flag, revocable)
+            self._committed = True
+            self._after_update(found_inf, stepped=True, revocable=revocable)
+        except BaseException as e:
+            # An error path may wait: read the outcome now. The eager path never calls the optimizer
+            # or the scheduler in a skipped step, so an Exception they raise in one is not raised;
+            # the step ends as eager's does. A KeyboardInterrupt or SystemExit always goes on.
+            skipped = pending.outcome.read()[2] and isinstance(e, Exception)
+            if self._committed:     # the optimizer wrote: the step stands (a skipped one is taken back)
+                self._settle()
+            else:                   # it wrote nothing (its state was put back)
+                self._pending = self._revocable = None
+                if skipped:
+                    pending.settle()
+                    self._skipped_steps += 1
+                    self._after_update(found_inf, stepped=False)
+                    self._committed = True
+            if not skipped:
+                raise
         return stats
 
-    def _taken_back(self, revocable: RevocableSchedulerStep | None) -> None:
+    def _holds_state(self, pairs) -> bool:
+        """Does the optimizer hold state for every parameter it is about to step? A fused optimizer
+        creates missing state even in a step it then skips on the device (torch's fused SGD leaves
+        an uninitialised momentum buffer), so until it does the step's outcome is read first."""
+        state = self.optimizer.state
+        if len(state) < len(pairs):
+            return False
+        held = set(map(id, state))
+        return all(id(p) in held for p, _ in pairs)
+
+    def _taken_back(self, revocable: list[RevocableSchedulerStep] | None) -> None:
         """A step counted as applied turned out skipped: count it as skipped, take the scheduler's step back."""
         self._steps -= 1
         self._skipped_steps += 1
-        if revocable is not None:
-            revocable.undo()
+        for r in revocable or ():
+            r.undo()
 
     def _optimizer_step(self, pairs, grad_scale, found_inf, skip_flag=None, revocable=None) -> None:
         """``optimizer.step`` with a fault on either side of its first write handled (see README,
@@ -560,18 +587,20 @@ class Trainer:
             raise
 
     def _after_update(self, found_inf: torch.Tensor, stepped: bool, revocable: list | None = None) -> None:
-        """Count the update, step the scheduler (into ``revocable`` when it may be taken back) and the
-        loss scale, free the gradients."""
+        """Count the update, step the loss scale and the scheduler (into ``revocable`` when it may be
+        taken back), free the gradients. The loss scale goes first: a scheduler that raises cannot
+        keep it from following a step that stands."""
         try:
             if stepped:
                 self._steps += 1
-                if self.scheduler is not None:
-                    if revocable is None:
-                        self.scheduler.step()
-                    else:
-                        revocable.append(RevocableSchedulerStep(self.scheduler, self.optimizer))
             if self.scaler is not None:
                 self.scaler.update(found_inf)  # lowers the scale after inf/nan, grows it after clean runs
+            if stepped and self.scheduler is not None:
+                if revocable is None:
+                    self.scheduler.step()
+                else:
+                    revocable.append(RevocableSchedulerStep(self.scheduler, self.optimizer))
+                    revocable[-1].step()
         finally:
             self._zero_grad()
 
@@ -626,6 +655,7 @@ class Trainer:
         shape = self.plan if self.plan is not None else self._sizer.pending
         ckpt = checkpoint.check(state, params=params, scheduler=self.scheduler, scaler=self.scaler,
                                 target_batch=shape.target_batch, world_size=shape.world_size)
+        self._settle()             # a pending step's take-back must not land on the loaded state
         masters = ckpt.masters if self.updater.master_weights else [None] * len(params)   # else: the
         with self.updater.masters_in_place(params, masters):     # parameters' own dtype for the state
             self.optimizer.load_state_dict(state["optimizer"])
@@ -633,7 +663,6 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self._settle()
         self._steps = state.get("steps", 0)
         self._skipped_steps = state.get("skipped_steps", 0)
         self.oom_retries = state.get("oom_retries", 0)
@@ -723,30 +752,87 @@ def _zero_grad_kwargs(optimizer) -> dict | None:
     return {"set_to_none": True} if takes else {}
 
 
-class _Pending:
-    """A step whose outcome is still on the device: settled once, by whoever reads first (its
-    stats, the trainer's counters or checkpoint, the next step). It holds the trainer weakly, so
-    stats kept after the trainer is gone still read their values."""
+_LATE = ("loss", "grad_norm", "skipped")   # on the device until settled; ``events`` may still lack the skip
 
-    def __init__(self, trainer: Trainer, stats: StepStats, outcome: DeviceOutcome,
-                 revocable: RevocableSchedulerStep | None):
-        self.trainer, self.stats, self.outcome, self.revocable = weakref.ref(trainer), stats, outcome, revocable
+
+class _UnsettledStepStats(StepStats):
+    """A :class:`StepStats` whose ``loss``, ``grad_norm`` and ``skipped`` are still on the device (and
+    whose ``events`` may lack the skip message). The first read of any of them, a copy, a pickle, a
+    comparison or its repr settles it: it then is a plain ``StepStats``."""
+
+    @property
+    def settled(self) -> bool:
+        return False
+
+    def _settle(self) -> None:
+        self.__dict__["_pending"].settle()
+
+    def __reduce_ex__(self, protocol):
+        self._settle()
+        return self.__reduce_ex__(protocol)
+
+    def __eq__(self, other):
+        self._settle()
+        return self == other
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        self._settle()
+        return repr(self)
+
+
+def _late(name: str) -> property:
+    def get(self):
+        self._settle()
+        return getattr(self, name)
+
+    def set_(self, value):
+        self._settle()
+        setattr(self, name, value)
+    return property(get, set_, doc=f"{name}, read from the device when first asked for")
+
+
+for _name in (*_LATE, "events"):
+    setattr(_UnsettledStepStats, _name, _late(_name))
+
+
+class _Pending:
+    """A step whose outcome is still on the device, settled once by whoever reads first: its stats,
+    the trainer's counters or checkpoint, the next step. The stats hold it; it holds the stats and
+    the trainer weakly (no cycle, and stats kept after the trainer is gone still read their values);
+    the scheduler step it may take back is the trainer's to hold."""
+
+    __slots__ = ("trainer", "stats", "outcome", "with_norm", "skip_at", "done")
+
+    def __init__(self, trainer: Trainer, stats: StepStats, outcome: DeviceOutcome):
+        self.trainer, self.stats, self.outcome = weakref.ref(trainer), weakref.ref(stats), outcome
         self.with_norm = trainer.max_grad_norm is not None
-        stats.__dict__["_settle"] = self.settle
+        self.skip_at: int | None = None
+        self.done = False
+        for name in _LATE:
+            stats.__dict__.pop(name, None)
+        stats.__dict__["_pending"] = self
+        stats.__class__ = _UnsettledStepStats
 
     def settle(self) -> None:
-        stats = self.stats
-        if stats.__dict__.pop("_settle", None) is None:
+        if self.done:
             return
+        self.done = True
         loss, norm, skipped = self.outcome.read()
-        stats.loss, stats.grad_norm, stats.skipped = loss, (norm if self.with_norm else None), skipped
+        stats = self.stats()
+        if stats is not None:
+            fields = stats.__dict__
+            del fields["_pending"]
+            fields.update(loss=loss, grad_norm=norm if self.with_norm else None, skipped=skipped)
+            stats.__class__ = StepStats
+            if skipped:
+                stats.events.insert(len(stats.events) if self.skip_at is None else self.skip_at, _skip_message(loss))
         trainer = self.trainer()
         if trainer is not None and trainer._pending is self:
-            trainer._pending = None
-        if skipped:
-            stats.events.append(_skip_message(loss))
-            if trainer is not None:
-                trainer._taken_back(self.revocable)
+            revocable, trainer._pending, trainer._revocable = trainer._revocable, None, None
+            if skipped:
+                trainer._taken_back(revocable)
 
 
 def _skip_message(loss: float) -> str:

@@ -69,6 +69,15 @@ def test_gpu_modelling_steps_the_optimizer_as_cuda_would(fused):
     assert abs(predicted - (real + copied)) <= 0.05 * real, (predicted, real, copied)
 
 
+def test_gpu_modelling_leaves_a_tensor_learning_rate_on_the_per_tensor_path():
+    """torch does not take foreach for a Tensor lr without capturable (and rejects foreach=True)."""
+    model = mlp(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3))
+    est = autoaccum.estimate(model, regression_batch(4, torch.float32), optimizer=opt, loss_fn=mse_loss,
+                             device_memory="8GiB", max_micro_batch=64)
+    assert est.max_micro_batch == 64
+
+
 def test_estimate_leaves_every_random_stream_as_it_was():
     model = mlp(torch.float32)
     draws = lambda n: (torch.randn(n, 12), torch.tensor(np.random.rand(n, 5), dtype=torch.float32)

@@ -2,8 +2,11 @@
 it with the skip flag on the device, counts and schedules as if the step stood, and takes that back
 when the outcome, read later, says it was skipped. Forced here on the CPU (torch's CPU fused AdamW
 takes found_inf too) and held to the eager path, bitwise."""
+import copy
 import gc
 import math
+import pickle
+import weakref
 
 import pytest
 import torch
@@ -12,27 +15,39 @@ import autoaccum
 from helpers import mlp, mse_loss, regression_batch
 
 
-def batches():
+def batches(bad_grad=(2,), bad_loss=(4,), n=6):
     out = []
-    for i in range(6):
+    for i in range(n):
         x, y = regression_batch(16, seed=i + 1)
-        if i == 2:
+        if i in bad_grad:
             x = x.clone()
             x[3, 0] = float("inf")      # tanh(inf) is finite, its weight gradient is not: skipped
-        if i == 4:
+        if i in bad_loss:
             y = y.clone()
             y[0, 0] = float("inf")      # a non-finite loss: skipped
         out.append((x, y))
     return out
 
 
-def make(defer: bool, clip: float | None = 1.0):
+def make(defer: bool, clip: float | None = 1.0, optimizer=None, scheduler=None):
     model = mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    opt = (optimizer or (lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True)))(model.parameters())
+    sched = (scheduler or (lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s))))(opt)
     trainer = autoaccum.fit(model, 16, opt, loss_fn=mse_loss, micro_batch=5, scheduler=sched, max_grad_norm=clip)
     trainer._defer = defer
     return model, opt, sched, trainer
+
+
+def same_run(a, b):
+    (m0, o0, s0, t0), (m1, o1, s1, t1) = a, b
+    assert all(torch.equal(p, q) for p, q in zip(m0.parameters(), m1.parameters()))
+    assert len(o0.state) == len(o1.state)
+    for p0, p1 in zip(m0.parameters(), m1.parameters()):
+        assert o0.state[p0].keys() == o1.state[p1].keys()
+        assert all(torch.equal(v, o1.state[p1][k]) for k, v in o0.state[p0].items())
+    assert s0.state_dict() == s1.state_dict() and s0.get_last_lr() == s1.get_last_lr()
+    assert [g["lr"] for g in o0.param_groups] == [g["lr"] for g in o1.param_groups]
+    assert (t0.steps, t0.skipped_steps) == (t1.steps, t1.skipped_steps)
 
 
 @pytest.mark.parametrize("clip", [1.0, None])
@@ -44,12 +59,9 @@ def test_deferred_outcome_gives_the_eager_run_bitwise(clip):
         if defer:
             assert not stats[-1].settled and stats[0].settled   # each settled by the next step's update
         runs[defer] = (model, opt, sched, trainer, stats)
-    (m0, o0, s0, t0, st0), (m1, o1, s1, t1, st1) = runs[False], runs[True]
-    assert all(torch.equal(a, b) for a, b in zip(m0.parameters(), m1.parameters()))
-    for p0, p1 in zip(m0.parameters(), m1.parameters()):
-        assert all(torch.equal(v, o1.state[p1][k]) for k, v in o0.state[p0].items())
-    assert s0.state_dict() == s1.state_dict() and s0.get_last_lr() == s1.get_last_lr()
-    assert (t0.steps, t0.skipped_steps) == (t1.steps, t1.skipped_steps) == (4, 2)
+    same_run(runs[False][:4], runs[True][:4])
+    st0, st1 = runs[False][4], runs[True][4]
+    assert (runs[True][3].steps, runs[True][3].skipped_steps) == (4, 2)
     for a, b in zip(st0, st1):
         assert (a.skipped, a.grad_norm, a.events, a.lr) == (b.skipped, b.grad_norm, b.events, b.lr)
         assert a.loss == b.loss or (math.isnan(a.loss) and math.isnan(b.loss))
@@ -95,6 +107,120 @@ def test_train_shows_the_latest_loss_on_the_host_and_counts_skips(capsys):
     err = capsys.readouterr().err
     assert "step 6/6" in err and "skipped 2" in err
     assert [s.skipped for s in history] == [False, False, True, False, True, False]
+
+
+@pytest.mark.parametrize("case", ["sgd_momentum_first_step_skipped", "adamw_first_step_skipped", "tensor_lr",
+                                  "exponential_lr"])
+def test_the_review_cases_end_as_the_eager_run(case):
+    """Found by review: a fused optimizer makes state even in a step it skips (SGD's momentum buffer
+    uninitialised), so a step whose parameters have no state yet reads its outcome first; a Tensor
+    learning rate is written in place by the scheduler, so taking a step back restores its value."""
+    optimizer = scheduler = None
+    bad = (0,) if "first_step" in case else (1,)
+    if case.startswith("sgd"):
+        optimizer = lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, dampening=0.5, fused=True)  # noqa: E731
+    if case == "tensor_lr":
+        optimizer = lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2), fused=True)  # noqa: E731
+    if case == "exponential_lr":
+        scheduler = lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.5)  # noqa: E731
+    runs = [make(defer, optimizer=optimizer, scheduler=scheduler) for defer in (False, True)]
+    for b in batches(bad_grad=bad, bad_loss=(), n=4):
+        skipped = [r[3].step(b).skipped for r in runs]
+        assert skipped[0] == skipped[1]
+    same_run(*runs)
+
+
+def test_loading_a_checkpoint_over_a_pending_skipped_step_keeps_the_checkpoint():
+    _, _, sched0, t0 = make(True)
+    for b in batches(bad_grad=(), bad_loss=(), n=2):
+        t0.step(b)
+    saved = t0.state_dict()
+    model, opt, sched, trainer = make(True)
+    for b in batches(bad_grad=(3,), bad_loss=(), n=4):
+        trainer.step(b)                      # the last one skipped, still pending
+    trainer.load_state_dict(saved)
+    assert sched.state_dict() == sched0.state_dict() and (trainer.steps, trainer.skipped_steps) == (2, 0)
+    assert opt.param_groups[0]["lr"] == sched.get_last_lr()[0]
+
+
+@pytest.mark.parametrize("fault", ["after_write", "before_write", "scheduler", "interrupt"])
+def test_a_fault_in_a_step_that_turns_out_skipped_ends_as_the_eager_step(fault):
+    """The eager path calls neither the optimizer nor the scheduler in a skipped step: what they
+    raise in one is not raised (but an interrupt goes on), and the step counts as skipped."""
+    class Faulty(torch.optim.AdamW):
+        armed = False
+
+        def step(self, closure=None):
+            out = super().step(closure) if fault in ("after_write", "interrupt") else None
+            if self.armed:
+                self.armed = False
+                raise KeyboardInterrupt() if fault == "interrupt" else RuntimeError("optimizer fault")
+            return out
+
+    class FaultySched(torch.optim.lr_scheduler.LambdaLR):
+        armed = False
+
+        def step(self, *a, **k):
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("scheduler fault")
+            return super().step(*a, **k)
+
+    runs = [make(defer, optimizer=lambda ps: Faulty(ps, lr=1e-2, fused=True),
+                 scheduler=lambda o: FaultySched(o, lambda s: 1.0 / (1 + s))) for defer in (False, True)]
+    data = batches(bad_grad=(1,), bad_loss=(), n=3)
+    for _, opt, sched, trainer in runs:
+        trainer.step(data[0])
+        (sched if fault == "scheduler" else opt).armed = True
+        if fault == "interrupt" and trainer._defer:
+            with pytest.raises(KeyboardInterrupt):
+                trainer.step(data[1])
+        else:
+            assert trainer.step(data[1]).skipped
+        (sched if fault == "scheduler" else opt).armed = False
+        trainer.step(data[2])
+    same_run(*runs)
+
+
+def test_unsettled_stats_copy_pickle_compare_and_free_like_plain_ones():
+    model, opt, sched, trainer = make(True)
+    data = batches(bad_grad=(1,), bad_loss=(), n=3)
+    trainer.step(data[0])
+    for how in (copy.copy, copy.deepcopy, lambda s: pickle.loads(pickle.dumps(s))):
+        stats = trainer.step(data[1])            # skipped: reading it takes the step back once
+        assert not stats.settled
+        other = how(stats)
+        assert type(other) is autoaccum.StepStats and other.skipped and stats.settled and other == stats
+        assert (trainer.steps, trainer.skipped_steps) == (1, 1)
+        trainer.load_state_dict({**trainer.state_dict(), "steps": 1, "skipped_steps": 0})
+    pending = trainer.step(data[2])
+    assert repr(pending).startswith("StepStats(") and pending.settled
+    last = trainer.step(data[2])
+    alive = weakref.ref(opt)
+    del trainer, model, opt, sched
+    gc.collect()
+    assert alive() is None and math.isfinite(last.loss)      # unsettled stats keep nothing alive
+
+
+def test_events_and_a_last_skipped_step_read_as_the_eager_ones(capsys):
+    """``events`` settles like the values (the skip message comes before the empty micro-batches',
+    as eager puts it); the progress bar's last line counts a skip in the last step."""
+    count = lambda mb: 0.0 if bool((mb[0][:, -1] == 1234.0).all()) else float(mb[0].shape[0])  # noqa: E731
+    x, y = regression_batch(16, seed=1)
+    x = x.clone()
+    x[12:, -1], x[3, 0] = 1234.0, float("inf")
+    events = []
+    for defer in (False, True):
+        model = mlp()
+        trainer = autoaccum.fit(model, 16, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True),
+                                loss_fn=mse_loss, micro_batch=5, count_fn=count, max_grad_norm=1.0)
+        trainer._defer = defer
+        trainer.step(regression_batch(16, seed=2))
+        events.append(list(trainer.step((x, y)).events))
+    assert events[0] == events[1] and len(events[0]) == 2 and "skipped the update" in events[0][0]
+    _, _, _, trainer = make(True)
+    trainer.train(batches(bad_grad=(5,), bad_loss=()), progress=True)
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("skipped 1")
 
 
 @pytest.mark.cuda
