@@ -17,9 +17,43 @@ while the device still works through the next step's backward.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
+from torch.optim import optimizer as torch_optimizer
+
+_FUSED_KINDS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def skips_on_device(optimizer) -> bool:
+    """Does ``optimizer`` skip a whole update on the device when given ``found_inf``? torch's own
+    fused Adam, AdamW and SGD do (other optimizers that claim GradScaler support may follow an
+    older protocol and ignore it)."""
+    return (isinstance(optimizer, _FUSED_KINDS) and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+            and all(g.get("fused") for g in optimizer.param_groups))
+
+
+def holds_state(optimizer, pairs) -> bool:
+    """Does ``optimizer`` hold state for every parameter of ``pairs`` it steps? A fused optimizer
+    creates missing state even in a step it then skips (torch's fused SGD stores an uninitialised
+    momentum buffer), so until it does, a step reads its outcome first. SGD without momentum keeps
+    no state at all. An entry counts only when it is filled (``optimizer.state`` is a defaultdict:
+    merely looking at ``state[p]`` makes an empty one)."""
+    if isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) == 0 for g in optimizer.param_groups):
+        return True
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    held = {id(p) for p, st in optimizer.state.items() if st and not any(v is None for v in st.values())}
+    return all(id(p) in held for p, _ in pairs if id(p) in stepped)
+
+
+def has_step_hooks(optimizer) -> bool:
+    """Step hooks (an EMA in a post-hook) would run in a step the eager path does not step: such
+    an optimizer reads its outcome first."""
+    return bool(getattr(optimizer, "_optimizer_step_pre_hooks", None)
+                or getattr(optimizer, "_optimizer_step_post_hooks", None)
+                or getattr(torch_optimizer, "_global_optimizer_pre_hooks", None)
+                or getattr(torch_optimizer, "_global_optimizer_post_hooks", None))
 
 
 class DeviceOutcome:
@@ -34,7 +68,7 @@ class DeviceOutcome:
             self._host = torch.empty(3, dtype=torch.float64, pin_memory=True)
             self._host.copy_(packed, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(packed.device))   # the copy's stream, whatever device is current
         else:
             self._host = packed
         self._values: tuple[float, float, bool] | None = None
@@ -58,7 +92,7 @@ class RevocableSchedulerStep:
 
     def __init__(self, scheduler, optimizer):
         self.scheduler, self.optimizer = scheduler, optimizer
-        self.state = scheduler.state_dict()
+        self.state = copy.deepcopy(scheduler.state_dict())   # a custom scheduler's may hold live objects
         self.before = _hyperparameters(optimizer)
         self.after: list[dict] | None = None      # None: the step raised part-way; undo restores all
 

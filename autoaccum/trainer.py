@@ -26,6 +26,7 @@ import contextlib
 import inspect
 import logging
 import math
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -44,7 +45,7 @@ from .distributed import Agreement, PeerFailure, PeerStopped, PreForward, Topolo
 from .checks import check_bool, check_count, check_int
 from .loss import LossFn, WeightedLoss, autocast, compute_loss
 from .memory import NotEnoughMemoryError, release_memory
-from .outcome import DeviceOutcome, RevocableSchedulerStep
+from .outcome import DeviceOutcome, RevocableSchedulerStep, has_step_hooks, holds_state, skips_on_device
 from .plan import Plan
 from .plan import plan as make_plan
 from .progress import Progress
@@ -59,8 +60,8 @@ log = logging.getLogger("autoaccum")
 
 @dataclass
 class StepStats:
-    """What one :meth:`Trainer.step` did. With a fused optimizer on CUDA, ``loss``, ``grad_norm``
-    and ``skipped`` come from the device when first read (:mod:`autoaccum.outcome`)."""
+    """What one :meth:`Trainer.step` did. With a fused optimizer on CUDA, ``loss``, ``grad_norm``,
+    ``skipped`` and ``events`` come from the device when first read (:mod:`autoaccum.outcome`)."""
 
     loss: float                 # item-weighted mean loss over the whole (global) batch
     grad_norm: float | None     # total norm before clipping (only when max_grad_norm is set)
@@ -76,8 +77,24 @@ class StepStats:
 
     @property
     def settled(self) -> bool:
-        """Are ``loss``, ``grad_norm`` and ``skipped`` known on the host (reading them waits for nothing)?"""
-        return True
+        """Are ``loss``, ``grad_norm``, ``skipped`` and ``events`` known on the host (reading them
+        waits for nothing)?"""
+        return "_pending" not in self.__dict__
+
+    def __getattr__(self, name: str):
+        # Only reached for an attribute the instance lacks: the fields a pending outcome holds back.
+        pending = self.__dict__.get("_pending")
+        if pending is None or name not in _LATE:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        pending.settle()
+        return self.__dict__[name]
+
+    def __getstate__(self) -> dict:
+        """A copy or a pickle holds the values, never the pending outcome."""
+        pending = self.__dict__.get("_pending")
+        if pending is not None:
+            pending.settle()
+        return dict(self.__dict__)
 
 
 @dataclass
@@ -125,10 +142,9 @@ class Trainer:
         self._skipped_steps = 0  # steps skipped for non-finite values (``skipped_steps``)
         self._pending: _Pending | None = None   # the last step's outcome, still on the device
         self._revocable: list[RevocableSchedulerStep] | None = None   # that step's scheduler step
-        # A fused optimizer skips on the device (found_inf), so the host need not know before stepping
-        # it; a scheduler's step is then taken back later, which needs its state_dict.
-        self._defer = (device.type == "cuda" and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-                       and not self.topology.shards_gradients
+        # torch's fused optimizers skip on the device (found_inf), so the host need not know before
+        # stepping them; a scheduler's step is then taken back later, which needs its state_dict.
+        self._defer = (device.type == "cuda" and skips_on_device(optimizer) and not self.topology.shards_gradients
                        and (scheduler is None or RevocableSchedulerStep.possible(scheduler)))
         self.oom_retries = 0    # attempts discarded after an out-of-memory error, over the whole run
         self._regrow = Regrow(regrow_after)
@@ -151,11 +167,29 @@ class Trainer:
         self._settle()
         return self._steps
 
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._settle()
+        self._steps = value
+
     @property
     def skipped_steps(self) -> int:
         """Steps whose update was skipped for a non-finite loss or gradient."""
         self._settle()
         return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._settle()
+        self._skipped_steps = value
+
+    def __del__(self):
+        # A trainer dropped with a skipped step pending still takes its scheduler step back (the
+        # scheduler may outlive it, e.g. in a new fit with the same optimizer and scheduler).
+        try:
+            self._settle()
+        except Exception:  # noqa: BLE001 - nothing can be reported from a finalizer
+            pass
 
     def _settle(self) -> None:
         """Read the last step's outcome if it is still on the device (see :mod:`autoaccum.outcome`)."""
@@ -220,12 +254,13 @@ class Trainer:
         stats.seconds = time.perf_counter() - started
         stats.oom_retries = retries
         stats.micro_batch_limit = self.plan.micro_batch
-        fields = stats.__dict__      # not through the properties of stats still on the device: no wait
-        fields["events"] = events + fields["events"]
-        if isinstance(stats, _UnsettledStepStats):   # its skip message goes where the eager path puts it
-            fields["_pending"].skip_at = len(fields["events"])
+        pending = stats.__dict__.get("_pending")     # events held back with the outcome: no wait
+        listed = pending.events if pending is not None else stats.events
+        listed[:0] = events
+        if pending is not None:
+            pending.skip_at = len(listed)             # its skip message goes where the eager path puts it
         if any(c == 0 for c in counts):
-            fields["events"].append(f"skipped {counts.count(0)} micro-batch(es) with no items")
+            listed.append(f"skipped {counts.count(0)} micro-batch(es) with no items")
         return stats
 
     def _size(self, batch: Any) -> None:
@@ -504,7 +539,7 @@ class Trainer:
                                                backend=self.backend)
         self._settle()                 # the previous step's outcome, copied long ago: before this step's lr is read
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
-        if self._defer and self._holds_state(pairs):
+        if self._defer and holds_state(self.optimizer, pairs) and not has_step_hooks(self.optimizer):
             return self._update_on_device(pairs, loss_t, norm, found_inf, grad_scale, lr)
         loss = float(loss_t)           # the host sync of the step
         norm_value = float(norm)
@@ -549,16 +584,6 @@ class Trainer:
             if not skipped:
                 raise
         return stats
-
-    def _holds_state(self, pairs) -> bool:
-        """Does the optimizer hold state for every parameter it is about to step? A fused optimizer
-        creates missing state even in a step it then skips on the device (torch's fused SGD leaves
-        an uninitialised momentum buffer), so until it does the step's outcome is read first."""
-        state = self.optimizer.state
-        if len(state) < len(pairs):
-            return False
-        held = set(map(id, state))
-        return all(id(p) in held for p, _ in pairs)
 
     def _taken_back(self, revocable: list[RevocableSchedulerStep] | None) -> None:
         """A step counted as applied turned out skipped: count it as skipped, take the scheduler's step back."""
@@ -752,87 +777,52 @@ def _zero_grad_kwargs(optimizer) -> dict | None:
     return {"set_to_none": True} if takes else {}
 
 
-_LATE = ("loss", "grad_norm", "skipped")   # on the device until settled; ``events`` may still lack the skip
-
-
-class _UnsettledStepStats(StepStats):
-    """A :class:`StepStats` whose ``loss``, ``grad_norm`` and ``skipped`` are still on the device (and
-    whose ``events`` may lack the skip message). The first read of any of them, a copy, a pickle, a
-    comparison or its repr settles it: it then is a plain ``StepStats``."""
-
-    @property
-    def settled(self) -> bool:
-        return False
-
-    def _settle(self) -> None:
-        self.__dict__["_pending"].settle()
-
-    def __reduce_ex__(self, protocol):
-        self._settle()
-        return self.__reduce_ex__(protocol)
-
-    def __eq__(self, other):
-        self._settle()
-        return self == other
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        self._settle()
-        return repr(self)
-
-
-def _late(name: str) -> property:
-    def get(self):
-        self._settle()
-        return getattr(self, name)
-
-    def set_(self, value):
-        self._settle()
-        setattr(self, name, value)
-    return property(get, set_, doc=f"{name}, read from the device when first asked for")
-
-
-for _name in (*_LATE, "events"):
-    setattr(_UnsettledStepStats, _name, _late(_name))
+_LATE = ("loss", "grad_norm", "skipped", "events")   # held back by a pending outcome
 
 
 class _Pending:
     """A step whose outcome is still on the device, settled once by whoever reads first: its stats,
-    the trainer's counters or checkpoint, the next step. The stats hold it; it holds the stats and
-    the trainer weakly (no cycle, and stats kept after the trainer is gone still read their values);
-    the scheduler step it may take back is the trainer's to hold."""
+    the trainer's counters or checkpoint, the next step, the trainer's finalizer. Until then the
+    stats lack the fields it holds back (``StepStats.__getattr__`` settles on a read). The stats
+    hold it; it holds the stats and the trainer weakly (no cycle, and stats kept after the trainer
+    is gone still read their values); the scheduler step it may take back is the trainer's to hold.
+    A lock makes one reader settle while others wait; a read that raises (an interrupt while
+    waiting) leaves it pending, to be settled by the next reader."""
 
-    __slots__ = ("trainer", "stats", "outcome", "with_norm", "skip_at", "done")
+    __slots__ = ("trainer", "stats", "outcome", "with_norm", "events", "skip_at", "done", "lock")
 
     def __init__(self, trainer: Trainer, stats: StepStats, outcome: DeviceOutcome):
         self.trainer, self.stats, self.outcome = weakref.ref(trainer), weakref.ref(stats), outcome
         self.with_norm = trainer.max_grad_norm is not None
+        fields = stats.__dict__
+        self.events: list[str] = fields.pop("events")
+        for name in ("loss", "grad_norm", "skipped"):
+            fields.pop(name)
+        fields["_pending"] = self
         self.skip_at: int | None = None
         self.done = False
-        for name in _LATE:
-            stats.__dict__.pop(name, None)
-        stats.__dict__["_pending"] = self
-        stats.__class__ = _UnsettledStepStats
+        self.lock = threading.RLock()
 
     def settle(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        loss, norm, skipped = self.outcome.read()
-        stats = self.stats()
-        if stats is not None:
-            fields = stats.__dict__
-            del fields["_pending"]
-            fields.update(loss=loss, grad_norm=norm if self.with_norm else None, skipped=skipped)
-            stats.__class__ = StepStats
-            if skipped:
-                stats.events.insert(len(stats.events) if self.skip_at is None else self.skip_at, _skip_message(loss))
-        trainer = self.trainer()
-        if trainer is not None and trainer._pending is self:
-            revocable, trainer._pending, trainer._revocable = trainer._revocable, None, None
-            if skipped:
-                trainer._taken_back(revocable)
+        with self.lock:
+            if self.done:
+                return
+            loss, norm, skipped = self.outcome.read()
+            self.done = True
+            stats = self.stats()
+            if stats is not None:
+                if skipped:
+                    self.events.insert(len(self.events) if self.skip_at is None else self.skip_at,
+                                       _skip_message(loss))
+                fields = stats.__dict__
+                fields.update(loss=loss, grad_norm=norm if self.with_norm else None, skipped=skipped,
+                              events=self.events)
+                del fields["_pending"]
+            trainer = self.trainer()
+            if trainer is not None and trainer._pending is self:
+                revocable, trainer._pending, trainer._revocable = trainer._revocable, None, None
+                if skipped:
+                    trainer._taken_back(revocable)
 
 
 def _skip_message(loss: float) -> str:

@@ -3,6 +3,7 @@ it with the skip flag on the device, counts and schedules as if the step stood, 
 when the outcome, read later, says it was skipped. Forced here on the CPU (torch's CPU fused AdamW
 takes found_inf too) and held to the eager path, bitwise."""
 import copy
+import dataclasses
 import gc
 import math
 import pickle
@@ -45,7 +46,7 @@ def same_run(a, b):
     for p0, p1 in zip(m0.parameters(), m1.parameters()):
         assert o0.state[p0].keys() == o1.state[p1].keys()
         assert all(torch.equal(v, o1.state[p1][k]) for k, v in o0.state[p0].items())
-    assert s0.state_dict() == s1.state_dict() and s0.get_last_lr() == s1.get_last_lr()
+    assert s0.state_dict() == s1.state_dict()
     assert [g["lr"] for g in o0.param_groups] == [g["lr"] for g in o1.param_groups]
     assert (t0.steps, t0.skipped_steps) == (t1.steps, t1.skipped_steps)
 
@@ -221,6 +222,132 @@ def test_events_and_a_last_skipped_step_read_as_the_eager_ones(capsys):
     _, _, _, trainer = make(True)
     trainer.train(batches(bad_grad=(5,), bad_loss=()), progress=True)
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("skipped 1")
+
+
+def test_a_read_interrupted_while_waiting_leaves_the_step_pending_for_the_next_reader(monkeypatch):
+    from autoaccum import outcome
+    runs = [make(defer) for defer in (False, True)]
+    data = batches(bad_grad=(1,), bad_loss=(), n=3)
+    for r in runs:
+        r[3].step(data[0])
+        stats = r[3].step(data[1])
+    real = outcome.DeviceOutcome.read
+    calls = []
+
+    def interrupted(self):
+        if not calls:
+            calls.append(1)
+            raise KeyboardInterrupt()
+        return real(self)
+    monkeypatch.setattr(outcome.DeviceOutcome, "read", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runs[1][3].state_dict()
+    assert not stats.settled and stats.skipped and stats.settled      # the next reader settles it
+    for r in runs:
+        r[3].step(data[2])
+    same_run(*runs)
+
+
+def test_a_reader_in_another_thread_and_the_next_step_settle_once(monkeypatch):
+    """On CUDA the read waits (releasing the GIL): a logging thread reading a skipped step's stats
+    while the next step runs must not let that step go on before the take-back."""
+    import threading
+    import time
+    from autoaccum import outcome
+    real = outcome.DeviceOutcome.read
+    monkeypatch.setattr(outcome.DeviceOutcome, "read", lambda self: (time.sleep(0.05), real(self))[1])
+    runs = [make(defer) for defer in (False, True)]
+    data = batches(bad_grad=(1,), bad_loss=(), n=4)
+    seen = []
+    for _, _, _, trainer in runs:
+        trainer.step(data[0])
+        stats = trainer.step(data[1])
+        reader = threading.Thread(target=lambda: seen.append(stats.skipped))
+        reader.start()
+        time.sleep(0.01)                 # the reader is inside the read
+        trainer.step(data[2])
+        reader.join()
+        trainer.step(data[3])
+    assert seen == [True, True]
+    same_run(*runs)
+
+
+def test_a_trainer_dropped_with_a_skipped_step_pending_still_takes_the_scheduler_step_back():
+    """Re-fitting with the same optimizer and scheduler (a new target batch) drops the old trainer."""
+    ends = []
+    for defer in (False, True):
+        model, opt, sched, trainer = make(defer)
+        data = batches(bad_grad=(1,), bad_loss=(), n=3)
+        trainer.step(data[0])
+        trainer.step(data[1])                     # skipped; pending when deferred
+        del trainer
+        trainer = autoaccum.fit(model, 16, opt, loss_fn=mse_loss, micro_batch=5, scheduler=sched, max_grad_norm=1.0)
+        trainer._defer = defer
+        trainer.step(data[2])
+        ends.append((sched.last_epoch, opt.param_groups[0]["lr"], [p.detach().clone() for p in model.parameters()]))
+    assert ends[0][:2] == ends[1][:2] and all(torch.equal(a, b) for a, b in zip(ends[0][2], ends[1][2]))
+
+
+@pytest.mark.parametrize("case", ["step_hook", "state_looked_at", "live_scheduler_state", "sgd_no_momentum"])
+def test_the_second_review_cases_end_as_the_eager_run(case):
+    """Step hooks (an EMA) must not run in a step eager skips, so their optimizer reads its outcome
+    first; an empty state entry (made by looking at ``state[p]``) is not state; a custom scheduler's
+    state_dict may hold live objects, so the take-back keeps a deep copy; SGD without momentum has
+    no state to wait for."""
+    class Warmup:
+        def __init__(self, opt):
+            self.optimizer, self.s = opt, {"t": 0}
+
+        def step(self):
+            self.s["t"] += 1
+            for g in self.optimizer.param_groups:
+                g["lr"] = 1e-2 * min(1.0, self.s["t"] / 3)
+
+        def state_dict(self):
+            return {"s": self.s}
+
+        def load_state_dict(self, state):
+            self.s = state["s"]
+
+    optimizer = scheduler = None
+    if case in ("state_looked_at", "sgd_no_momentum"):
+        momentum = 0.0 if case == "sgd_no_momentum" else 0.9
+        optimizer = lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=momentum, fused=True)  # noqa: E731
+    if case == "live_scheduler_state":
+        scheduler = Warmup
+    runs = [make(defer, optimizer=optimizer, scheduler=scheduler) for defer in (False, True)]
+    calls = []
+    for model, opt, _, _ in runs:
+        if case == "step_hook":
+            opt.register_step_post_hook(lambda o, a, k: calls.append(o))
+        if case == "state_looked_at":
+            assert all(opt.state[p].get("momentum_buffer") is None for p in model.parameters())
+    bad = (0,) if case == "state_looked_at" else (1,)
+    for b in batches(bad_grad=bad, bad_loss=(), n=4):
+        skipped = runs[0][3].step(b).skipped
+        if case == "sgd_no_momentum":
+            assert runs[1][3]._pending is None          # settled by the next step...
+        stats = runs[1][3].step(b)
+        if case == "sgd_no_momentum":
+            assert not stats.settled                    # ...and deferred again
+        assert skipped == stats.skipped
+    same_run(*runs)
+    if case == "step_hook":
+        assert calls.count(runs[0][1]) == calls.count(runs[1][1]) == 3
+    if case == "live_scheduler_state":
+        assert runs[0][2].s == runs[1][2].s
+
+
+def test_unsettled_stats_replace_and_counters_assign():
+    model, opt, sched, trainer = make(True)
+    data = batches(bad_grad=(), bad_loss=(), n=2)
+    trainer.step(data[0])
+    stats = trainer.step(data[1])
+    other = dataclasses.replace(stats, loss=1.0, grad_norm=2.0, skipped=False, events=[])
+    assert type(other) is autoaccum.StepStats and other.loss == 1.0
+    assert type(stats) is autoaccum.StepStats and math.isfinite(stats.loss)
+    trainer.steps = 0
+    assert trainer.steps == 0
 
 
 @pytest.mark.cuda
