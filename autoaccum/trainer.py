@@ -45,7 +45,7 @@ from .distributed import Agreement, PeerFailure, PeerStopped, PreForward, Topolo
 from .checks import check_bool, check_count, check_int
 from .loss import LossFn, WeightedLoss, autocast, compute_loss
 from .memory import NotEnoughMemoryError, release_memory
-from .outcome import DeviceOutcome, RevocableSchedulerStep, has_step_hooks, holds_state, skips_on_device
+from .outcome import DeviceOutcome, StateWatch, has_step_hooks, skips_on_device
 from .plan import Plan
 from .plan import plan as make_plan
 from .progress import Progress
@@ -141,11 +141,10 @@ class Trainer:
         self._steps = 0          # optimizer updates applied (``steps``)
         self._skipped_steps = 0  # steps skipped for non-finite values (``skipped_steps``)
         self._pending: _Pending | None = None   # the last step's outcome, still on the device
-        self._revocable: list[RevocableSchedulerStep] | None = None   # that step's scheduler step
         # torch's fused optimizers skip on the device (found_inf), so the host need not know before
-        # stepping them; a scheduler's step is then taken back later, which needs its state_dict.
-        self._defer = (device.type == "cuda" and skips_on_device(optimizer) and not self.topology.shards_gradients
-                       and (scheduler is None or RevocableSchedulerStep.possible(scheduler)))
+        # stepping them (autoaccum.outcome).
+        self._defer = device.type == "cuda" and not self.topology.shards_gradients
+        self._state_watch = StateWatch()
         self.oom_retries = 0    # attempts discarded after an out-of-memory error, over the whole run
         self._regrow = Regrow(regrow_after)
         self._running_stats = RunningStats(model, batchnorm)
@@ -184,17 +183,18 @@ class Trainer:
         self._skipped_steps = value
 
     def __del__(self):
-        # A trainer dropped with a skipped step pending still takes its scheduler step back (the
-        # scheduler may outlive it, e.g. in a new fit with the same optimizer and scheduler).
+        # A trainer dropped with a step pending still completes it: the scheduler may outlive it
+        # (a new fit with the same optimizer and scheduler).
         try:
             self._settle()
         except Exception:  # noqa: BLE001 - nothing can be reported from a finalizer
             pass
 
     def _settle(self) -> None:
-        """Read the last step's outcome if it is still on the device (see :mod:`autoaccum.outcome`)."""
-        if self._pending is not None:
-            self._pending.settle()
+        """Complete the last step if its outcome is still on the device (see :mod:`autoaccum.outcome`)."""
+        pending = self._pending
+        if pending is not None:
+            pending.settle(self)
 
     # ------------------------------------------------------------------ one optimizer step
     def step(self, batch: Any) -> StepStats:
@@ -539,7 +539,8 @@ class Trainer:
                                                backend=self.backend)
         self._settle()                 # the previous step's outcome, copied long ago: before this step's lr is read
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
-        if self._defer and holds_state(self.optimizer, pairs) and not has_step_hooks(self.optimizer):
+        if (self._defer and skips_on_device(self.optimizer) and not has_step_hooks(self.optimizer)
+                and self._state_watch.holds(self.optimizer, pairs)):
             return self._update_on_device(pairs, loss_t, norm, found_inf, grad_scale, lr)
         loss = float(loss_t)           # the host sync of the step
         norm_value = float(norm)
@@ -555,77 +556,68 @@ class Trainer:
                          events=[_skip_message(loss)] if skipped else [])
 
     def _update_on_device(self, pairs, loss_t, norm, found_inf, grad_scale, lr) -> StepStats:
-        """The update for an optimizer that skips on the device: stepped with the skip flag, counted
-        and scheduled as if it stood, and taken back when the outcome, read later, says it was skipped."""
+        """The update for an optimizer that skips on the device: stepped with the skip flag, the loss
+        scale stepped and the gradients freed now; counting the step and stepping the scheduler, which
+        the eager path does only for a step that stood, wait for the outcome (:meth:`_Pending.settle`)."""
         loss64 = torch.as_tensor(loss_t, dtype=torch.float64, device=found_inf.device).reshape(())
         flag = ((found_inf > 0) | ~torch.isfinite(loss64)).float()
         stats = StepStats(loss=math.nan, grad_norm=None, skipped=False, micro_batches=[], items=0, lr=lr)
-        revocable: list[RevocableSchedulerStep] = []
         pending = _Pending(self, stats, DeviceOutcome(loss64, norm, flag))
-        self._pending, self._revocable = pending, revocable
         try:
-            self._optimizer_step(pairs, grad_scale, found_inf, flag, revocable)
-            self._committed = True
-            self._after_update(found_inf, stepped=True, revocable=revocable)
+            self._optimizer_step(pairs, grad_scale, found_inf, pending)
         except BaseException as e:
-            # An error path may wait: read the outcome now. The eager path never calls the optimizer
-            # or the scheduler in a skipped step, so an Exception they raise in one is not raised;
-            # the step ends as eager's does. A KeyboardInterrupt or SystemExit always goes on.
-            skipped = pending.outcome.read()[2] and isinstance(e, Exception)
-            if self._committed:     # the optimizer wrote: the step stands (a skipped one is taken back)
+            # An error path may wait: read the outcome now. In a step that turns out skipped the
+            # eager path would not have called the optimizer; the step ends as a skipped one (if it
+            # wrote nothing, exactly as eager's), and the error goes on, as any optimizer fault does.
+            skipped = pending.outcome.read()[2]
+            if self._committed:       # it wrote (parameters moved, or its state did): completed but for this
                 self._settle()
-            else:                   # it wrote nothing (its state was put back)
-                self._pending = self._revocable = None
-                if skipped:
-                    pending.settle()
-                    self._skipped_steps += 1
-                    self._after_update(found_inf, stepped=False)
-                    self._committed = True
-            if not skipped:
-                raise
+            elif skipped:             # it wrote nothing; its state was put back
+                self._committed = True
+                self._pending = pending
+                self._after_update(found_inf, stepped=False)
+                self._settle()
+            if skipped:
+                e.add_note("autoaccum: the step's outcome was non-finite values, so it counts as a skipped "
+                           "step (the optimizer was called only because it skips such a step on the device)")
+            raise
+        self._committed = True
+        self._pending = pending
+        self._after_update(found_inf, stepped=False)
         return stats
 
-    def _taken_back(self, revocable: list[RevocableSchedulerStep] | None) -> None:
-        """A step counted as applied turned out skipped: count it as skipped, take the scheduler's step back."""
-        self._steps -= 1
-        self._skipped_steps += 1
-        for r in revocable or ():
-            r.undo()
-
-    def _optimizer_step(self, pairs, grad_scale, found_inf, skip_flag=None, revocable=None) -> None:
+    def _optimizer_step(self, pairs, grad_scale, found_inf, pending: _Pending | None = None) -> None:
         """``optimizer.step`` with a fault on either side of its first write handled (see README,
         "Reliability"): raised before it wrote anything, the optimizer's state is put back and the
         step fails whole (the caller rolls back the rest); raised after, the update stands, so the
         step is completed (counted, scheduler and loss scale stepped, gradients freed) before the
-        error goes on, and counters, scheduler and parameters agree."""
+        error goes on, and counters, scheduler and parameters agree. With a ``pending`` outcome the
+        optimizer gets its skip flag, and counting and the scheduler wait for the outcome."""
         writes = OptimizerWrites(self.optimizer)
         try:
-            self.updater.step(self.optimizer, pairs, grad_scale, found_inf if skip_flag is None else skip_flag)
+            self.updater.step(self.optimizer, pairs, grad_scale, found_inf if pending is None else pending.flag)
         except BaseException as e:
             if not writes.wrote():
                 writes.undo()
                 raise
             self._committed = True
-            self._after_update(found_inf, stepped=True, revocable=revocable)
+            if pending is None:
+                self._after_update(found_inf, stepped=True)
+            else:
+                self._pending = pending
+                self._after_update(found_inf, stepped=False)
             e.add_note("autoaccum: the optimizer had already written when this was raised, so the update "
                        "stands and the step was completed (counted, scheduler stepped, gradients freed)")
             raise
 
-    def _after_update(self, found_inf: torch.Tensor, stepped: bool, revocable: list | None = None) -> None:
-        """Count the update, step the loss scale and the scheduler (into ``revocable`` when it may be
-        taken back), free the gradients. The loss scale goes first: a scheduler that raises cannot
-        keep it from following a step that stands."""
+    def _after_update(self, found_inf: torch.Tensor, stepped: bool) -> None:
         try:
             if stepped:
                 self._steps += 1
+                if self.scheduler is not None:
+                    self.scheduler.step()
             if self.scaler is not None:
                 self.scaler.update(found_inf)  # lowers the scale after inf/nan, grows it after clean runs
-            if stepped and self.scheduler is not None:
-                if revocable is None:
-                    self.scheduler.step()
-                else:
-                    revocable.append(RevocableSchedulerStep(self.scheduler, self.optimizer))
-                    revocable[-1].step()
         finally:
             self._zero_grad()
 
@@ -680,7 +672,7 @@ class Trainer:
         shape = self.plan if self.plan is not None else self._sizer.pending
         ckpt = checkpoint.check(state, params=params, scheduler=self.scheduler, scaler=self.scaler,
                                 target_batch=shape.target_batch, world_size=shape.world_size)
-        self._settle()             # a pending step's take-back must not land on the loaded state
+        self._settle()             # a pending step must complete before the loaded state lands, not after
         masters = ckpt.masters if self.updater.master_weights else [None] * len(params)   # else: the
         with self.updater.masters_in_place(params, masters):     # parameters' own dtype for the state
             self.optimizer.load_state_dict(state["optimizer"])
@@ -781,18 +773,21 @@ _LATE = ("loss", "grad_norm", "skipped", "events")   # held back by a pending ou
 
 
 class _Pending:
-    """A step whose outcome is still on the device, settled once by whoever reads first: its stats,
-    the trainer's counters or checkpoint, the next step, the trainer's finalizer. Until then the
-    stats lack the fields it holds back (``StepStats.__getattr__`` settles on a read). The stats
-    hold it; it holds the stats and the trainer weakly (no cycle, and stats kept after the trainer
-    is gone still read their values); the scheduler step it may take back is the trainer's to hold.
-    A lock makes one reader settle while others wait; a read that raises (an interrupt while
-    waiting) leaves it pending, to be settled by the next reader."""
+    """A step whose outcome is still on the device. Settling it reads the outcome, fills its stats
+    and completes the step as the eager path would have: counted and the scheduler stepped if it
+    stood, counted as skipped if not. Whoever reads first settles it: its stats, the trainer's
+    counters or checkpoint, the next step, the trainer's finalizer. Until then the stats lack the
+    fields it holds back (``StepStats.__getattr__`` settles on a read). The stats hold it; it holds
+    the stats and the trainer weakly (no cycle; stats kept after the trainer is gone still read
+    their values). A lock makes one reader settle while others wait (a logging thread); a read
+    interrupted while waiting leaves it pending for the next reader; a reader re-entering from the
+    same thread (a scheduler reading ``trainer.steps``, a signal handler) finds it settled."""
 
-    __slots__ = ("trainer", "stats", "outcome", "with_norm", "events", "skip_at", "done", "lock")
+    __slots__ = ("trainer", "stats", "outcome", "flag", "with_norm", "events", "skip_at", "done", "lock")
 
     def __init__(self, trainer: Trainer, stats: StepStats, outcome: DeviceOutcome):
         self.trainer, self.stats, self.outcome = weakref.ref(trainer), weakref.ref(stats), outcome
+        self.flag = outcome.flag
         self.with_norm = trainer.max_grad_norm is not None
         fields = stats.__dict__
         self.events: list[str] = fields.pop("events")
@@ -803,11 +798,13 @@ class _Pending:
         self.done = False
         self.lock = threading.RLock()
 
-    def settle(self) -> None:
+    def settle(self, trainer: Trainer | None = None) -> None:
         with self.lock:
             if self.done:
                 return
             loss, norm, skipped = self.outcome.read()
+            if self.done:            # settled meanwhile by a re-entrant reader on this thread
+                return
             self.done = True
             stats = self.stats()
             if stats is not None:
@@ -815,14 +812,22 @@ class _Pending:
                     self.events.insert(len(self.events) if self.skip_at is None else self.skip_at,
                                        _skip_message(loss))
                 fields = stats.__dict__
-                fields.update(loss=loss, grad_norm=norm if self.with_norm else None, skipped=skipped,
-                              events=self.events)
+                for name, value in (("loss", loss), ("grad_norm", norm if self.with_norm else None),
+                                    ("skipped", skipped), ("events", self.events)):
+                    fields.setdefault(name, value)      # a value set by hand meanwhile stays
                 del fields["_pending"]
-            trainer = self.trainer()
-            if trainer is not None and trainer._pending is self:
-                revocable, trainer._pending, trainer._revocable = trainer._revocable, None, None
+            trainer = trainer if trainer is not None else self.trainer()
+            if trainer is None or trainer._pending is not self:
+                return
+            try:                     # as the eager path's _after_update, in the same order
                 if skipped:
-                    trainer._taken_back(revocable)
+                    trainer._skipped_steps += 1
+                else:
+                    trainer._steps += 1
+                    if trainer.scheduler is not None:
+                        trainer.scheduler.step()
+            finally:
+                trainer._pending = None
 
 
 def _skip_message(loss: float) -> str:
