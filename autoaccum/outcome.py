@@ -48,19 +48,23 @@ class StateWatch:
     filled (``optimizer.state`` is a defaultdict: looking at ``state[p]`` makes an empty one); a
     param group of SGD without momentum keeps none. Once every parameter of every group holds
     state, that is remembered until the state dict is replaced or changes size, so the check costs
-    nothing per step after the first ones."""
+    nothing per step after the first ones. ``groups`` (the ids of the tensors in the optimizer's
+    groups, from :class:`~autoaccum.trainable.Trainable`) is part of what is remembered: a group
+    added or edited brings parameters without state, and so does a momentum turned on."""
 
     def __init__(self):
-        self._full: tuple[int, int] | None = None
+        self._full: tuple | None = None
 
-    def holds(self, optimizer, pairs) -> bool:
+    def holds(self, optimizer, pairs, groups: tuple[int, ...]) -> bool:
         state = optimizer.state
-        if self._full == (id(state), len(state)):
+        keeps = tuple(_keeps_state(optimizer, g) for g in optimizer.param_groups)
+        key = (id(state), len(state), keeps)
+        if self._full is not None and self._full[0] == key and self._full[1] == groups:
             return True
-        stateful = [p for g in optimizer.param_groups if _keeps_state(optimizer, g) for p in g["params"]]
+        stateful = [p for g, k in zip(optimizer.param_groups, keeps) if k for p in g["params"]]
         held = {id(p) for p, st in state.items() if st and not any(v is None for v in st.values())}
         if all(id(p) in held for p in stateful):
-            self._full = (id(state), len(state))
+            self._full = (key, groups)
             return True
         stepped = {id(p) for p in stateful}
         return all(id(p) in held for p, _ in pairs if id(p) in stepped)

@@ -78,6 +78,12 @@ class Trainable:
         return self.params
 
     @property
+    def held(self) -> tuple[int, ...]:
+        """The ids of the tensors in the optimizer's parameter groups at the last :meth:`current`
+        (the same tuple object while they did not change)."""
+        return self._held
+
+    @property
     def frozen_held(self) -> list[torch.Tensor]:
         """Tensors the optimizer holds that do not require grad (``zero_grad`` clears them too)."""
         return [t for t in (ref() for ref in self._frozen_held) if t is not None]

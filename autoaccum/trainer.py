@@ -537,10 +537,23 @@ class Trainer:
         norm, found_inf, grad_scale = finalize([g for _, g in pairs], inv_scale, self.max_grad_norm,
                                                self.optimizer, sharded=topo.shards_gradients, sum_=topo.sum_,
                                                backend=self.backend)
-        self._settle()                 # the previous step's outcome, copied long ago: before this step's lr is read
+        late = None
+        try:
+            self._settle()             # the previous step's outcome, copied long ago: before this step's lr is read
+        except Exception as e:  # noqa: BLE001 - its scheduler raised: raised once this step stands, as eager
+            late = e            # raised it from the step it belongs to, after that step stood
+        stats = self._apply(pairs, loss_t, norm, found_inf, grad_scale)
+        if late is not None:
+            late.add_note("autoaccum: raised by the scheduler when the previous step was completed (its outcome "
+                          "read); this step's update stands")
+            raise late
+        return stats
+
+    def _apply(self, pairs, loss_t, norm, found_inf, grad_scale) -> StepStats:
+        """Step the optimizer - or skip; then free the gradients."""
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
         if (self._defer and skips_on_device(self.optimizer) and not has_step_hooks(self.optimizer)
-                and self._state_watch.holds(self.optimizer, pairs)):
+                and self._state_watch.holds(self.optimizer, pairs, self._trainable.held)):
             return self._update_on_device(pairs, loss_t, norm, found_inf, grad_scale, lr)
         loss = float(loss_t)           # the host sync of the step
         norm_value = float(norm)

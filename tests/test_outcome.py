@@ -344,6 +344,63 @@ def test_unsettled_stats_replace_and_counters_assign():
     assert trainer.steps == 0
 
 
+@pytest.mark.parametrize("change", ["unfreeze_a_group", "momentum_on"])
+def test_parameters_without_state_after_a_group_changes_read_the_outcome_first(change):
+    """Found by the fourth review: "every parameter holds state" was remembered past a new param
+    group (gradual unfreezing) and past momentum turned on; the skipped first step of those
+    parameters then left fused SGD's uninitialised momentum buffer in the state."""
+    runs = []
+    for defer in (False, True):
+        model = mlp()
+        params = list(model.parameters())
+        if change == "unfreeze_a_group":
+            for p in params[2:]:
+                p.requires_grad_(False)
+        opt = torch.optim.SGD(params[:2] if change == "unfreeze_a_group" else params, lr=1e-2,
+                              momentum=0.9 if change == "unfreeze_a_group" else 0.0, fused=True)
+        trainer = autoaccum.fit(model, 16, opt, loss_fn=mse_loss, micro_batch=5, max_grad_norm=1.0)
+        trainer._defer = defer
+        data = batches(bad_grad=(2,), bad_loss=(), n=5)
+        trainer.step(data[0])
+        trainer.step(data[1])
+        if change == "unfreeze_a_group":
+            for p in params[2:]:
+                p.requires_grad_(True)
+            opt.add_param_group({"params": params[2:]})
+        else:
+            opt.param_groups[0]["momentum"] = 0.9
+        assert trainer.step(data[2]).skipped
+        trainer.step(data[3])
+        trainer.step(data[4])
+        runs.append((model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), trainer))
+    same_run(*runs)
+
+
+def test_a_scheduler_error_surfaces_from_the_next_step_which_stands():
+    """Eager raises a scheduler's error from the step whose scheduler call raised, after that step
+    stood; deferred makes the call that raises in the next step's update, and raises the error once
+    that step stands too. A loop that logs the error and goes on ends as eager's."""
+    class Flaky(torch.optim.lr_scheduler.LambdaLR):
+        calls = 0
+
+        def step(self, *a, **k):
+            self.calls += 1
+            if self.calls == 4:             # the call for step 2 (the first is LambdaLR's own, at init)
+                raise RuntimeError("scheduler fault")
+            return super().step(*a, **k)
+
+    runs = [make(defer, scheduler=lambda o: Flaky(o, lambda s: 1.0 / (1 + s))) for defer in (False, True)]
+    raised = []
+    for _, _, sched, trainer in runs:
+        for i, b in enumerate(batches(bad_grad=(), bad_loss=(), n=6)):
+            try:
+                trainer.step(b)
+            except RuntimeError as e:
+                raised.append((trainer._defer, i, "".join(getattr(e, "__notes__", []))))
+    assert [r[:2] for r in raised] == [(False, 2), (True, 3)] and "this step's update stands" in raised[1][2]
+    same_run(*runs)
+
+
 @pytest.mark.cuda
 def test_a_fused_optimizer_step_never_waits_for_the_device():
     """On the GPU: after the first step (sizing, counting), steps with AdamW(fused=True) make no
