@@ -191,10 +191,15 @@ class Trainer:
             pass
 
     def _settle(self) -> None:
-        """Complete the last step if its outcome is still on the device (see :mod:`autoaccum.outcome`)."""
+        """Complete the last step if its outcome is still on the device (see :mod:`autoaccum.outcome`),
+        and another trainer's over the same optimizer (a second phase built with fit while the first
+        trainer is still referenced)."""
         pending = self._pending
         if pending is not None:
             pending.settle(self)
+        other = _PENDING_BY_OPTIMIZER.get(self.optimizer)
+        if other is not None:
+            other.settle()
 
     # ------------------------------------------------------------------ one optimizer step
     def step(self, batch: Any) -> StepStats:
@@ -540,19 +545,27 @@ class Trainer:
         late = None
         try:
             self._settle()             # the previous step's outcome, copied long ago: before this step's lr is read
-        except Exception as e:  # noqa: BLE001 - its scheduler raised: raised once this step stands, as eager
-            late = e            # raised it from the step it belongs to, after that step stood
-        stats = self._apply(pairs, loss_t, norm, found_inf, grad_scale)
+        except BaseException as e:  # noqa: BLE001 - raised once this step stands, as eager raised it from
+            late = e                # the step it belongs to, after that step stood
+        try:
+            stats = self._apply(pairs, loss_t, norm, found_inf, grad_scale)
+        except BaseException as e:
+            if late is not None:
+                e.add_note(f"autoaccum: before this, completing the previous step raised {late!r}")
+            raise
         if late is not None:
-            late.add_note("autoaccum: raised by the scheduler when the previous step was completed (its outcome "
-                          "read); this step's update stands")
+            late.add_note("autoaccum: raised while completing the previous step (its outcome read, its scheduler "
+                          "stepped); this step's update stands")
             raise late
         return stats
 
     def _apply(self, pairs, loss_t, norm, found_inf, grad_scale) -> StepStats:
         """Step the optimizer - or skip; then free the gradients."""
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
-        if (self._defer and skips_on_device(self.optimizer) and not has_step_hooks(self.optimizer)
+        if isinstance(lr, torch.Tensor):   # schedulers write a Tensor lr in place: keep this step's value
+            lr = lr.item() if lr.device.type == "cpu" else lr.detach().clone()
+        if (self._defer and self._pending is None and skips_on_device(self.optimizer)
+                and not has_step_hooks(self.optimizer)
                 and self._state_watch.holds(self.optimizer, pairs, self._trainable.held)):
             return self._update_on_device(pairs, loss_t, norm, found_inf, grad_scale, lr)
         loss = float(loss_t)           # the host sync of the step
@@ -595,7 +608,7 @@ class Trainer:
                            "step (the optimizer was called only because it skips such a step on the device)")
             raise
         self._committed = True
-        self._pending = pending
+        self._pending = _PENDING_BY_OPTIMIZER[self.optimizer] = pending
         self._after_update(found_inf, stepped=False)
         return stats
 
@@ -783,6 +796,7 @@ def _zero_grad_kwargs(optimizer) -> dict | None:
 
 
 _LATE = ("loss", "grad_norm", "skipped", "events")   # held back by a pending outcome
+_PENDING_BY_OPTIMIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # optimizer -> its last pending step
 
 
 class _Pending:

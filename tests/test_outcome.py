@@ -401,6 +401,41 @@ def test_a_scheduler_error_surfaces_from_the_next_step_which_stands():
     same_run(*runs)
 
 
+def test_the_fifth_review_cases_end_as_the_eager_run():
+    """A second trainer over the same optimizer and scheduler (a second phase) completes the first
+    one's pending step before reading the lr; an interrupt raised while the previous step completes
+    comes after this step stands (a loop that catches it and goes on ends as eager's); ``stats.lr``
+    of a Tensor learning rate is that step's value, not the tensor schedulers keep writing."""
+    ends, logs = [], []
+    for defer in (False, True):
+        hit = []
+
+        def rate(s):
+            if s == 4 and not hit:
+                hit.append(1)
+                raise KeyboardInterrupt()
+            return 1.0 / (1 + s)
+        model = mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-2), fused=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
+        data = batches(bad_grad=(), bad_loss=(), n=7)
+        first = autoaccum.fit(model, 16, opt, loss_fn=mse_loss, micro_batch=5, scheduler=sched, max_grad_norm=1.0)
+        first._defer = defer
+        lrs = [first.step(b).lr for b in data[:3]]
+        second = autoaccum.fit(model, 16, opt, loss_fn=mse_loss, micro_batch=8, scheduler=sched, max_grad_norm=1.0)
+        second._defer = defer
+        for b in data[3:]:
+            try:
+                lrs.append(second.step(b).lr)
+            except KeyboardInterrupt:
+                logs.append(defer)
+        first.steps, second.steps
+        ends.append((model, opt, sched, second))
+        assert all(isinstance(lr, float) for lr in lrs) and len(set(lrs)) == len(lrs), lrs
+    assert logs == [False, True]
+    same_run(*ends)
+
+
 @pytest.mark.cuda
 def test_a_fused_optimizer_step_never_waits_for_the_device():
     """On the GPU: after the first step (sizing, counting), steps with AdamW(fused=True) make no
