@@ -104,6 +104,27 @@ class _Attempt:
     agreement: Agreement
 
 
+class _Counter:
+    """A counter of the trainer (``steps``, ``skipped_steps``) that completes a step still pending
+    on the device before it is read or set; the value lives in ``_<name>``."""
+
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.attr = "_" + name
+
+    def __get__(self, trainer, owner=None):
+        if trainer is None:
+            return self
+        trainer._settle()
+        return getattr(trainer, self.attr)
+
+    def __set__(self, trainer, value: int) -> None:
+        trainer._settle()
+        setattr(trainer, self.attr, value)
+
+
 class Trainer:
     """Runs optimizer steps of ``plan.target_batch`` samples in micro-batches.
 
@@ -160,27 +181,8 @@ class Trainer:
         self._committed = False   # within step(): the optimizer has written, so the step must complete
         self._zero_grad_kwargs = _zero_grad_kwargs(optimizer)
 
-    @property
-    def steps(self) -> int:
-        """Optimizer updates applied."""
-        self._settle()
-        return self._steps
-
-    @steps.setter
-    def steps(self, value: int) -> None:
-        self._settle()
-        self._steps = value
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps whose update was skipped for a non-finite loss or gradient."""
-        self._settle()
-        return self._skipped_steps
-
-    @skipped_steps.setter
-    def skipped_steps(self, value: int) -> None:
-        self._settle()
-        self._skipped_steps = value
+    steps = _Counter("Optimizer updates applied.")
+    skipped_steps = _Counter("Steps whose update was skipped for a non-finite loss or gradient.")
 
     def __del__(self):
         # A trainer dropped with a step pending still completes it: the scheduler may outlive it
@@ -571,12 +573,10 @@ class Trainer:
         loss = float(loss_t)           # the host sync of the step
         norm_value = float(norm)
         skipped = bool(found_inf) or not math.isfinite(loss)
-        if skipped:
-            self._skipped_steps += 1
-        else:
+        if not skipped:
             self._optimizer_step(pairs, grad_scale, found_inf)
             self._committed = True                     # the update stands, whatever raises after it
-        self._after_update(found_inf, stepped=not skipped)
+        self._after_update(found_inf, stood=not skipped)
         return StepStats(loss=loss, grad_norm=norm_value if self.max_grad_norm is not None else None,
                          skipped=skipped, micro_batches=[], items=0, lr=lr,
                          events=[_skip_message(loss)] if skipped else [])
@@ -601,7 +601,7 @@ class Trainer:
             elif skipped:             # it wrote nothing; its state was put back
                 self._committed = True
                 self._pending = pending
-                self._after_update(found_inf, stepped=False)
+                self._after_update(found_inf, stood=None)
                 self._settle()
             if skipped:
                 e.add_note("autoaccum: the step's outcome was non-finite values, so it counts as a skipped "
@@ -609,7 +609,7 @@ class Trainer:
             raise
         self._committed = True
         self._pending = _PENDING_BY_OPTIMIZER[self.optimizer] = pending
-        self._after_update(found_inf, stepped=False)
+        self._after_update(found_inf, stood=None)
         return stats
 
     def _optimizer_step(self, pairs, grad_scale, found_inf, pending: _Pending | None = None) -> None:
@@ -621,31 +621,38 @@ class Trainer:
         optimizer gets its skip flag, and counting and the scheduler wait for the outcome."""
         writes = OptimizerWrites(self.optimizer)
         try:
-            self.updater.step(self.optimizer, pairs, grad_scale, found_inf if pending is None else pending.flag)
+            self.updater.step(self.optimizer, pairs, grad_scale, found_inf if pending is None else pending.outcome.flag)
         except BaseException as e:
             if not writes.wrote():
                 writes.undo()
                 raise
             self._committed = True
-            if pending is None:
-                self._after_update(found_inf, stepped=True)
-            else:
+            if pending is not None:
                 self._pending = pending
-                self._after_update(found_inf, stepped=False)
+            self._after_update(found_inf, stood=True if pending is None else None)
             e.add_note("autoaccum: the optimizer had already written when this was raised, so the update "
                        "stands and the step was completed (counted, scheduler stepped, gradients freed)")
             raise
 
-    def _after_update(self, found_inf: torch.Tensor, stepped: bool) -> None:
+    def _after_update(self, found_inf: torch.Tensor, stood: bool | None) -> None:
+        """Count the step (``stood``: applied or skipped; None: its outcome is still on the device,
+        counted when it is read), step the loss scale, free the gradients."""
         try:
-            if stepped:
-                self._steps += 1
-                if self.scheduler is not None:
-                    self.scheduler.step()
+            if stood is not None:
+                self._tally(stood)
             if self.scaler is not None:
                 self.scaler.update(found_inf)  # lowers the scale after inf/nan, grows it after clean runs
         finally:
             self._zero_grad()
+
+    def _tally(self, stood: bool) -> None:
+        """An update applied (counted, the scheduler stepped) or skipped (counted as skipped)."""
+        if stood:
+            self._steps += 1
+            if self.scheduler is not None:
+                self.scheduler.step()
+        else:
+            self._skipped_steps += 1
 
     def _gradients(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """(parameter, its accumulated gradient): buffer views, or what autograd left in ``.grad``."""
@@ -810,11 +817,10 @@ class _Pending:
     interrupted while waiting leaves it pending for the next reader; a reader re-entering from the
     same thread (a scheduler reading ``trainer.steps``, a signal handler) finds it settled."""
 
-    __slots__ = ("trainer", "stats", "outcome", "flag", "with_norm", "events", "skip_at", "done", "lock")
+    __slots__ = ("trainer", "stats", "outcome", "with_norm", "events", "skip_at", "done", "lock")
 
     def __init__(self, trainer: Trainer, stats: StepStats, outcome: DeviceOutcome):
         self.trainer, self.stats, self.outcome = weakref.ref(trainer), weakref.ref(stats), outcome
-        self.flag = outcome.flag
         self.with_norm = trainer.max_grad_norm is not None
         fields = stats.__dict__
         self.events: list[str] = fields.pop("events")
@@ -846,13 +852,8 @@ class _Pending:
             trainer = trainer if trainer is not None else self.trainer()
             if trainer is None or trainer._pending is not self:
                 return
-            try:                     # as the eager path's _after_update, in the same order
-                if skipped:
-                    trainer._skipped_steps += 1
-                else:
-                    trainer._steps += 1
-                    if trainer.scheduler is not None:
-                        trainer.scheduler.step()
+            try:
+                trainer._tally(not skipped)
             finally:
                 trainer._pending = None
 
