@@ -18,11 +18,16 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     """Autocast to ``amp_dtype``; with None, off - and no context at all unless a caller's is on,
     so a plain fp32 step pays for no context manager per micro-batch."""
+    return autocast_or_none(device, amp_dtype) or contextlib.nullcontext()
+
+
+def autocast_or_none(device: torch.device, amp_dtype: torch.dtype | None):
+    """:func:`autocast`, or None where it would be a ``nullcontext`` (then a loop need not enter it)."""
     if amp_dtype is not None:
         return torch.autocast(device.type, dtype=amp_dtype)
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    return None
 
 
 def compute_loss(model: nn.Module, part: Any, loss_fn: LossFn | None, device: torch.device,
@@ -30,10 +35,20 @@ def compute_loss(model: nn.Module, part: Any, loss_fn: LossFn | None, device: to
     """The checked scalar mean loss of micro-batch ``index`` (``part`` already on ``device``).
     ``context``: ``autocast(device, amp_dtype)`` made once by a caller that runs many micro-batches."""
     with context if context is not None else autocast(device, amp_dtype):
-        out = loss_fn(model, part) if loss_fn is not None else model_loss(model, part)
+        out = call_loss(model, part, loss_fn)
+    return checked(out, index, loss_fn is None)
+
+
+def call_loss(model: nn.Module, part: Any, loss_fn: LossFn | None) -> Any:
+    """``loss_fn(model, part)``, or the model's own loss; unchecked (see :func:`checked`)."""
+    return loss_fn(model, part) if loss_fn is not None else model_loss(model, part)
+
+
+def checked(out: Any, index: int, from_model: bool) -> torch.Tensor:
+    """``out`` as the scalar loss of micro-batch ``index``, or an error that says what is wrong."""
     if type(out) is torch.Tensor and out.dim() == 0 and out.requires_grad and out.is_floating_point():
         return out                 # the common case, checked in one line
-    return check_loss(out, index, loss_fn is None)
+    return check_loss(out, index, from_model)
 
 
 def model_loss(model: nn.Module, part: Any) -> torch.Tensor:
