@@ -268,6 +268,35 @@ class Topology:
         return (b for name, b in self.module.named_buffers() if name not in ignored)
 
     # ------------------------------------------------------------------ deferred DDP gradient sync
+    def sync_buffer(self, buffer, params: list[torch.Tensor], touched: torch.Tensor) -> None:
+        """DDP, deferred: zero the views of parameters another rank wrote and this one did not
+        (``touched``: the union over ranks, from the last agreement), SUM the gradient buffer,
+        and mark the union written."""
+        mine = {id(p) for p, _ in buffer.written()}
+        union = touched.tolist()
+        for p, t in zip(params, union):
+            if t and id(p) not in mine:
+                buffer.views[id(p)].zero_()
+        self.all_reduce_buffer(list(buffer.flat.values()))
+        buffer.mark_written([p for p, t in zip(params, union) if t])
+
+    def average_unmanaged(self, params: list[torch.Tensor]) -> None:
+        """DDP overlap, FSDP2: tensors the optimizer trains that the wrapper does not own (a
+        temperature in ``loss_fn``) get no collective from it; average them here (their loss was
+        scaled by the world size like everything else), in one all-reduce with has-a-gradient flags."""
+        extras = self.unmanaged(params)
+        if not extras:
+            return
+        parts = [(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in extras]
+        flags = torch.tensor([p.grad is not None for p in extras], dtype=torch.float64, device=parts[0].device)
+        flat = self.sum_(torch.cat([*parts, flags]))
+        offset = 0
+        for i, p in enumerate(extras):
+            n = p.numel()
+            if flat[-len(extras) + i] > 0:
+                p.grad = (flat[offset:offset + n] / self.world_size).view_as(p).to(p.dtype)
+            offset += n
+
     def all_reduce_buffer(self, flat_buffers: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> int:
         """SUM the gradient buffer over ranks in buckets of ``bucket_bytes``; returns the bucket count."""
         handles = []

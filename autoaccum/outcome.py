@@ -15,14 +15,25 @@ or, at the latest, at the next step's update, before its optimizer step reads th
 By then the copy is long done, while the device still works through the next step's backward.
 The scheduler steps in the same order relative to the optimizer's steps as on the eager path,
 only later in wall time.
+
+Here: the test that an optimizer skips on the device (:func:`skips_on_device`, :class:`StateWatch`,
+:func:`has_step_hooks`), the copy (:class:`DeviceOutcome`), the step's :class:`StepStats`, whose
+late fields wait for it, and :class:`PendingStep`, which completes the step when it is read.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim import optimizer as torch_optimizer
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 _FUSED_KINDS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
@@ -110,3 +121,98 @@ class DeviceOutcome:
             loss, norm, flag = host.tolist()
             self._values = (loss, norm, flag > 0 or not math.isfinite(loss))
         return self._values
+
+
+@dataclass
+class StepStats:
+    """What one :meth:`Trainer.step` did. With a fused optimizer on CUDA, ``loss``, ``grad_norm``,
+    ``skipped`` and ``events`` come from the device when first read (:mod:`autoaccum.outcome`)."""
+
+    loss: float                 # item-weighted mean loss over the whole (global) batch
+    grad_norm: float | None     # total norm before clipping (only when max_grad_norm is set)
+    skipped: bool               # True when the update was skipped (non-finite loss or gradients)
+    micro_batches: list[int]    # sizes actually run (in the attempt that succeeded)
+    items: int | float          # items counted over the batch (all ranks; samples unless count_fn is given)
+    samples: int = 0            # samples in this rank's batch
+    lr: float | None = None     # learning rate of the first param group for this update
+    seconds: float = 0.0        # wall time of the step, host-side
+    oom_retries: int = 0        # attempts thrown away because a micro-batch ran out of memory
+    micro_batch_limit: int = 0  # the plan's micro-batch limit after this step
+    events: list[str] = field(default_factory=list)   # notable things that happened, also logged
+
+    @property
+    def settled(self) -> bool:
+        """Are ``loss``, ``grad_norm``, ``skipped`` and ``events`` known on the host (reading them
+        waits for nothing)?"""
+        return "_pending" not in self.__dict__
+
+    def __getattr__(self, name: str):
+        # Only reached for an attribute the instance lacks: the fields a pending outcome holds back.
+        pending = self.__dict__.get("_pending")
+        if pending is None or name not in _LATE:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        pending.settle()
+        return self.__dict__[name]
+
+    def __getstate__(self) -> dict:
+        """A copy or a pickle holds the values, never the pending outcome."""
+        pending = self.__dict__.get("_pending")
+        if pending is not None:
+            pending.settle()
+        return dict(self.__dict__)
+
+
+_LATE = ("loss", "grad_norm", "skipped", "events")   # held back by a pending outcome
+PENDING_BY_OPTIMIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # optimizer -> its last pending step
+
+
+class PendingStep:
+    """A step whose outcome is still on the device. Settling it reads the outcome, fills its stats
+    and completes the step as the eager path would have: counted and the scheduler stepped if it
+    stood, counted as skipped if not. Whoever reads first settles it: its stats, the trainer's
+    counters or checkpoint, the next step, the trainer's finalizer. Until then the stats lack the
+    fields it holds back (``StepStats.__getattr__`` settles on a read). The stats hold it; it holds
+    the stats and the trainer weakly (no cycle; stats kept after the trainer is gone still read
+    their values). A lock makes one reader settle while others wait (a logging thread); a read
+    interrupted while waiting leaves it pending for the next reader; a reader re-entering from the
+    same thread (a scheduler reading ``trainer.steps``, a signal handler) finds it settled."""
+
+    __slots__ = ("trainer", "stats", "outcome", "with_norm", "events", "skip_at", "done", "lock")
+
+    def __init__(self, trainer: Trainer, stats: StepStats, outcome: DeviceOutcome):
+        self.trainer, self.stats, self.outcome = weakref.ref(trainer), weakref.ref(stats), outcome
+        self.with_norm = trainer.max_grad_norm is not None
+        fields = stats.__dict__
+        self.events: list[str] = fields.pop("events")
+        for name in ("loss", "grad_norm", "skipped"):
+            fields.pop(name)
+        fields["_pending"] = self
+        self.skip_at: int | None = None
+        self.done = False
+        self.lock = threading.RLock()
+
+    def settle(self, trainer: Trainer | None = None) -> None:
+        with self.lock:
+            if self.done:
+                return
+            loss, norm, skipped = self.outcome.read()
+            if self.done:            # settled meanwhile by a re-entrant reader on this thread
+                return
+            self.done = True
+            stats = self.stats()
+            if stats is not None:
+                if skipped:
+                    self.events.insert(len(self.events) if self.skip_at is None else self.skip_at,
+                                       skip_message(loss))
+                fields = stats.__dict__
+                for name, value in (("loss", loss), ("grad_norm", norm if self.with_norm else None),
+                                    ("skipped", skipped), ("events", self.events)):
+                    fields.setdefault(name, value)      # a value set by hand meanwhile stays
+                del fields["_pending"]
+            trainer = trainer if trainer is not None else self.trainer()
+            if trainer is not None:
+                trainer._completed(self, stood=not skipped)
+
+
+def skip_message(loss: float) -> str:
+    return f"skipped the update: {'loss' if not math.isfinite(loss) else 'gradient norm'} is not finite"

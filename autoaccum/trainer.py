@@ -26,11 +26,9 @@ import contextlib
 import inspect
 import logging
 import math
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,7 +43,8 @@ from .distributed import Agreement, PeerFailure, PeerStopped, PreForward, Topolo
 from .checks import check_bool, check_count, check_int
 from .loss import LossFn, WeightedLoss, autocast, autocast_or_none, call_loss, checked, compute_loss
 from .memory import NotEnoughMemoryError, release_memory
-from .outcome import DeviceOutcome, StateWatch, has_step_hooks, skips_on_device
+from .outcome import (PENDING_BY_OPTIMIZER, DeviceOutcome, PendingStep, StateWatch, StepStats, has_step_hooks,
+                      skip_message, skips_on_device)
 from .plan import Plan
 from .plan import plan as make_plan
 from .progress import Progress
@@ -56,45 +55,6 @@ from .update import OptimizerWrites, Updater, finalize
 
 CountFn = Callable[[Any], Any]
 log = logging.getLogger("autoaccum")
-
-
-@dataclass
-class StepStats:
-    """What one :meth:`Trainer.step` did. With a fused optimizer on CUDA, ``loss``, ``grad_norm``,
-    ``skipped`` and ``events`` come from the device when first read (:mod:`autoaccum.outcome`)."""
-
-    loss: float                 # item-weighted mean loss over the whole (global) batch
-    grad_norm: float | None     # total norm before clipping (only when max_grad_norm is set)
-    skipped: bool               # True when the update was skipped (non-finite loss or gradients)
-    micro_batches: list[int]    # sizes actually run (in the attempt that succeeded)
-    items: int | float          # items counted over the batch (all ranks; samples unless count_fn is given)
-    samples: int = 0            # samples in this rank's batch
-    lr: float | None = None     # learning rate of the first param group for this update
-    seconds: float = 0.0        # wall time of the step, host-side
-    oom_retries: int = 0        # attempts thrown away because a micro-batch ran out of memory
-    micro_batch_limit: int = 0  # the plan's micro-batch limit after this step
-    events: list[str] = field(default_factory=list)   # notable things that happened, also logged
-
-    @property
-    def settled(self) -> bool:
-        """Are ``loss``, ``grad_norm``, ``skipped`` and ``events`` known on the host (reading them
-        waits for nothing)?"""
-        return "_pending" not in self.__dict__
-
-    def __getattr__(self, name: str):
-        # Only reached for an attribute the instance lacks: the fields a pending outcome holds back.
-        pending = self.__dict__.get("_pending")
-        if pending is None or name not in _LATE:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        pending.settle()
-        return self.__dict__[name]
-
-    def __getstate__(self) -> dict:
-        """A copy or a pickle holds the values, never the pending outcome."""
-        pending = self.__dict__.get("_pending")
-        if pending is not None:
-            pending.settle()
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -161,7 +121,7 @@ class Trainer:
         self.scaler = LossScaler(device) if amp_dtype == torch.float16 else None
         self._steps = 0          # optimizer updates applied (``steps``)
         self._skipped_steps = 0  # steps skipped for non-finite values (``skipped_steps``)
-        self._pending: _Pending | None = None   # the last step's outcome, still on the device
+        self._pending: PendingStep | None = None   # the last step's outcome, still on the device
         # torch's fused optimizers skip on the device (found_inf), so the host need not know before
         # stepping them (autoaccum.outcome).
         self._defer = device.type == "cuda" and not self.topology.shards_gradients
@@ -199,7 +159,7 @@ class Trainer:
         pending = self._pending
         if pending is not None:
             pending.settle(self)
-        other = _PENDING_BY_OPTIMIZER.get(self.optimizer)
+        other = PENDING_BY_OPTIMIZER.get(self.optimizer)
         if other is not None:
             other.settle()
 
@@ -243,9 +203,9 @@ class Trainer:
                 _, parts, counts, _ = self._prepare(batch)   # the new split's counts; the total is the same
             self._running_stats.end()
             if self.topology.syncs_buffer:
-                self._sync_buffer(attempt.agreement)
+                self.topology.sync_buffer(self.buffer, self._params, attempt.agreement.touched)
             elif self.topology.distributed:
-                self._sync_unmanaged()
+                self.topology.average_unmanaged(self._params)
             stats = self._update(attempt.loss_sum)
         except BaseException:
             if not self._committed:                     # all or nothing: nothing of this step survives
@@ -544,33 +504,6 @@ class Trainer:
         self.plan = make_plan(self.plan.target_batch, micro_batch, self.plan.world_size)
         return self.plan
 
-    def _sync_buffer(self, agreement: Agreement) -> None:
-        """DDP, deferred: zero what this rank did not touch, SUM the buffer, keep the union."""
-        mine = {id(p) for p, _ in self.buffer.written()}
-        touched = agreement.touched.tolist()
-        for p, t in zip(self._params, touched):
-            if t and id(p) not in mine:
-                self.buffer.views[id(p)].zero_()
-        self.topology.all_reduce_buffer(list(self.buffer.flat.values()))
-        self.buffer.mark_written([p for p, t in zip(self._params, touched) if t])
-
-    def _sync_unmanaged(self) -> None:
-        """DDP overlap, FSDP2: tensors the optimizer trains that the wrapper does not own (a
-        temperature in ``loss_fn``) get no collective from it; average them here (their loss was
-        scaled by the world size like everything else), in one all-reduce with has-a-gradient flags."""
-        extras = self.topology.unmanaged(self._params)
-        if not extras:
-            return
-        parts = [(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in extras]
-        flags = torch.tensor([p.grad is not None for p in extras], dtype=torch.float64, device=parts[0].device)
-        flat = self.topology.sum_(torch.cat([*parts, flags]))
-        offset = 0
-        for i, p in enumerate(extras):
-            n = p.numel()
-            if flat[-len(extras) + i] > 0:
-                p.grad = (flat[offset:offset + n] / self.topology.world_size).view_as(p).to(p.dtype)
-            offset += n
-
     def _update(self, loss_sum: WeightedLoss) -> StepStats:
         """Finalize (norm, inf/nan, unscale, clip), then step - or skip; then free the gradients."""
         topo = self.topology
@@ -617,16 +550,16 @@ class Trainer:
         self._after_update(found_inf, stood=not skipped)
         return StepStats(loss=loss, grad_norm=norm_value if self.max_grad_norm is not None else None,
                          skipped=skipped, micro_batches=[], items=0, lr=lr,
-                         events=[_skip_message(loss)] if skipped else [])
+                         events=[skip_message(loss)] if skipped else [])
 
     def _update_on_device(self, pairs, loss_t, norm, found_inf, grad_scale, lr) -> StepStats:
         """The update for an optimizer that skips on the device: stepped with the skip flag, the loss
         scale stepped and the gradients freed now; counting the step and stepping the scheduler, which
-        the eager path does only for a step that stood, wait for the outcome (:meth:`_Pending.settle`)."""
+        the eager path does only for a step that stood, wait for the outcome (:meth:`PendingStep.settle`)."""
         loss64 = torch.as_tensor(loss_t, dtype=torch.float64, device=found_inf.device).reshape(())
         flag = ((found_inf > 0) | ~torch.isfinite(loss64)).float()
         stats = StepStats(loss=math.nan, grad_norm=None, skipped=False, micro_batches=[], items=0, lr=lr)
-        pending = _Pending(self, stats, DeviceOutcome(loss64, norm, flag))
+        pending = PendingStep(self, stats, DeviceOutcome(loss64, norm, flag))
         try:
             self._optimizer_step(pairs, grad_scale, found_inf, pending)
         except BaseException as e:
@@ -646,11 +579,11 @@ class Trainer:
                            "step (the optimizer was called only because it skips such a step on the device)")
             raise
         self._committed = True
-        self._pending = _PENDING_BY_OPTIMIZER[self.optimizer] = pending
+        self._pending = PENDING_BY_OPTIMIZER[self.optimizer] = pending
         self._after_update(found_inf, stood=None)
         return stats
 
-    def _optimizer_step(self, pairs, grad_scale, found_inf, pending: _Pending | None = None) -> None:
+    def _optimizer_step(self, pairs, grad_scale, found_inf, pending: PendingStep | None = None) -> None:
         """``optimizer.step`` with a fault on either side of its first write handled (see README,
         "Reliability"): raised before it wrote anything, the optimizer's state is put back and the
         step fails whole (the caller rolls back the rest); raised after, the update stands, so the
@@ -691,6 +624,15 @@ class Trainer:
                 self.scheduler.step()
         else:
             self._skipped_steps += 1
+
+    def _completed(self, pending: PendingStep, stood: bool) -> None:
+        """``pending``, this trainer's step on the device, has been read: count it as the eager path would."""
+        if self._pending is not pending:
+            return
+        try:
+            self._tally(stood)
+        finally:
+            self._pending = None
 
     def _gradients(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """(parameter, its accumulated gradient): buffer views, or what autograd left in ``.grad``."""
@@ -838,66 +780,6 @@ def _zero_grad_kwargs(optimizer) -> dict | None:
         return {}
     takes = "set_to_none" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     return {"set_to_none": True} if takes else {}
-
-
-_LATE = ("loss", "grad_norm", "skipped", "events")   # held back by a pending outcome
-_PENDING_BY_OPTIMIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # optimizer -> its last pending step
-
-
-class _Pending:
-    """A step whose outcome is still on the device. Settling it reads the outcome, fills its stats
-    and completes the step as the eager path would have: counted and the scheduler stepped if it
-    stood, counted as skipped if not. Whoever reads first settles it: its stats, the trainer's
-    counters or checkpoint, the next step, the trainer's finalizer. Until then the stats lack the
-    fields it holds back (``StepStats.__getattr__`` settles on a read). The stats hold it; it holds
-    the stats and the trainer weakly (no cycle; stats kept after the trainer is gone still read
-    their values). A lock makes one reader settle while others wait (a logging thread); a read
-    interrupted while waiting leaves it pending for the next reader; a reader re-entering from the
-    same thread (a scheduler reading ``trainer.steps``, a signal handler) finds it settled."""
-
-    __slots__ = ("trainer", "stats", "outcome", "with_norm", "events", "skip_at", "done", "lock")
-
-    def __init__(self, trainer: Trainer, stats: StepStats, outcome: DeviceOutcome):
-        self.trainer, self.stats, self.outcome = weakref.ref(trainer), weakref.ref(stats), outcome
-        self.with_norm = trainer.max_grad_norm is not None
-        fields = stats.__dict__
-        self.events: list[str] = fields.pop("events")
-        for name in ("loss", "grad_norm", "skipped"):
-            fields.pop(name)
-        fields["_pending"] = self
-        self.skip_at: int | None = None
-        self.done = False
-        self.lock = threading.RLock()
-
-    def settle(self, trainer: Trainer | None = None) -> None:
-        with self.lock:
-            if self.done:
-                return
-            loss, norm, skipped = self.outcome.read()
-            if self.done:            # settled meanwhile by a re-entrant reader on this thread
-                return
-            self.done = True
-            stats = self.stats()
-            if stats is not None:
-                if skipped:
-                    self.events.insert(len(self.events) if self.skip_at is None else self.skip_at,
-                                       _skip_message(loss))
-                fields = stats.__dict__
-                for name, value in (("loss", loss), ("grad_norm", norm if self.with_norm else None),
-                                    ("skipped", skipped), ("events", self.events)):
-                    fields.setdefault(name, value)      # a value set by hand meanwhile stays
-                del fields["_pending"]
-            trainer = trainer if trainer is not None else self.trainer()
-            if trainer is None or trainer._pending is not self:
-                return
-            try:
-                trainer._tally(not skipped)
-            finally:
-                trainer._pending = None
-
-
-def _skip_message(loss: float) -> str:
-    return f"skipped the update: {'loss' if not math.isfinite(loss) else 'gradient norm'} is not finite"
 
 
 def _as_number(x: float) -> int | float:
