@@ -377,16 +377,16 @@ class Trainer:
     def _run_alone(self, parts: list[Any], counts: list[float], total: float, live: list[int], on_device: bool,
                    loss_sum: WeightedLoss) -> Failure | None:
         """:meth:`_attempt`'s micro-batches in one process: what :meth:`_forward_backward` does for
-        each, with nothing only ranks need (agreement points, the wrapper's sync context) and one
-        ``try`` around the loop instead of a call and two context managers per micro-batch (about
-        3 µs each on a CPU, which a small model notices). Returns the first failure, if any."""
+        each, with nothing only ranks need (agreement points, the wrapper's sync context), inline
+        instead of a call and two context managers per micro-batch (about 3 µs each on a CPU,
+        which a small model notices). Returns the first failure, if any."""
         model, loss_fn, buffer, scaler = self.model, self.loss_fn, self.buffer, self.scaler
         context = autocast_or_none(self.device, self.amp_dtype)
-        i, loss, weighted = live[0], None, None
-        try:
-            for i in live:
+        loss = weighted = part = None
+        for i in live:
+            share = counts[i] / total
+            try:
                 part = parts[i] if on_device else batching.to_device(parts[i], self.device)
-                share = counts[i] / total
                 if context is None:
                     loss = call_loss(model, part, loss_fn)
                 else:
@@ -399,13 +399,13 @@ class Trainer:
                 else:
                     weighted = loss * share
                 (weighted * scaler.scale if scaler is not None else weighted).backward()
-                loss_sum.add(loss, share)
-                # A scalar loss can own a large storage (CPU mse_loss reduces in place in its
-                # elementwise buffer): it must not live into the next micro-batch.
-                loss = weighted = part = None
-        except Exception as e:  # noqa: BLE001 - classified: OOM is recovered, anything else re-raised
-            loss = weighted = part = None            # a half-run graph dies with them
-            return classify(e, i, batching.batch_size(parts[i]))
+            except Exception as e:  # noqa: BLE001 - classified: OOM is recovered, anything else re-raised
+                loss = weighted = part = None        # a half-run graph dies with them
+                return classify(e, i, batching.batch_size(parts[i]))
+            loss_sum.add(loss, share)
+            # A scalar loss can own a large storage (CPU mse_loss reduces in place in its
+            # elementwise buffer): it must not live into the next micro-batch.
+            loss = weighted = part = None
         return None
 
     def _inputs(self, part: Any, index: int) -> tuple[Any, Failure | None]:
