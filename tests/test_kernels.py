@@ -251,6 +251,21 @@ def test_gpu_kernels_match_the_reference(backend):
             assert torch.allclose(g.cpu().double(), b.cpu().double() * scale, rtol=tol, atol=6e-8)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_torch_path_adds_a_narrower_gradient_as_widening_it_first_would(dtype):
+    """The add takes mixed lists in one foreach call; each element must round exactly as
+    ``acc.add_(g.to(acc.dtype), alpha=w)``, in float32 and float64 accumulators."""
+    gen = torch.Generator().manual_seed(21)
+    for acc_dtype in (torch.float32, torch.float64):
+        if dtype.itemsize > acc_dtype.itemsize:
+            continue
+        accs = [randn(n, acc_dtype, gen) for n in (1, 129, 4099)]
+        grads = [randn(n, dtype, gen, scale=3.0) for n in (1, 129, 4099)]
+        expected = [a.clone().add_(g.to(acc_dtype), alpha=0.3712) for a, g in zip(accs, grads)]
+        kernels.accumulate_(accs, grads, 0.3712, backend="torch")
+        assert all(torch.equal(a, e) for a, e in zip(accs, expected)), (dtype, acc_dtype)
+
+
 def test_the_torch_path_writes_nothing_when_nothing_is_clipped_or_unscaled():
     gen = torch.Generator().manual_seed(12)
     grads = [randn(n, torch.float32, gen) for n in (5, 3000)]

@@ -33,15 +33,12 @@ def accumulate_(accs: list[torch.Tensor], grads: list[torch.Tensor], weight: flo
         a_list, g_list = groups[(a.device, a.dtype, g.dtype)]
         a_list.append(a)
         g_list.append(g if g.shape == a.shape else g.reshape(a.shape))
-    for (_, acc_dtype, grad_dtype), (a_list, g_list) in groups.items():
+    for a_list, g_list in groups.values():   # one dtype pair per group: same-dtype groups take foreach's fast path
         if assign:
             torch._foreach_copy_(a_list, g_list)      # exact widening cast, then one rounding in mul
             torch._foreach_mul_(a_list, weight)
-        elif acc_dtype == grad_dtype:
+        else:   # a narrower gradient is widened exactly inside the op: bitwise g.to(acc) then add_
             torch._foreach_add_(a_list, g_list, alpha=weight)
-        else:
-            for a, g in zip(a_list, g_list):
-                a.add_(g.to(acc_dtype), alpha=weight)
 
 
 def norm_and_flag(grads: list[torch.Tensor], inv_scale) -> tuple[torch.Tensor, torch.Tensor]:
