@@ -204,6 +204,8 @@ def test_finalize_accepts_a_tensor_inv_scale_and_empty_lists():
     (lambda a, g: kernels.finalize_(g, 0.0), ValueError, "inv_scale"),
     (lambda a, g: kernels.finalize_(g, 1.0, max_norm=-1), ValueError, "max_norm"),
     (lambda a, g: kernels.finalize_([g[0], "x"]), TypeError, "grads\\[1\\]"),
+    (lambda a, g: kernels.finalize_([g[0], g[1], g[0]], 0.5), ValueError, "grads\\[0\\] and grads\\[2\\] are the same"),
+    (lambda a, g: kernels.finalize_([None, g[1], None, g[1]], 0.5), ValueError, "grads\\[1\\] and grads\\[3\\]"),
 ])
 def test_bad_input_is_rejected_before_anything_is_written(call, exc, match):
     accs = [torch.randn(10), torch.randn(20)]
@@ -212,6 +214,22 @@ def test_bad_input_is_rejected_before_anything_is_written(call, exc, match):
     with pytest.raises(exc, match=match):
         call(accs, grads)
     assert all(torch.equal(x, y) for x, y in zip(accs + grads, before))
+
+
+@pytest.mark.interpreter
+def test_a_gradient_list_repeating_a_tensor_is_refused_by_finalize_even_once_cached():
+    """accumulate_ reads its gradients, so one tensor twice is fine there, and the list is cached
+    on its second sighting; finalize_ writes them, and must still refuse that list."""
+    gen = torch.Generator().manual_seed(5)
+    g = randn(33, torch.float32, gen)
+    grads = [g, randn(7, torch.float32, gen), g]
+    accs = [torch.zeros(33), torch.zeros(7), torch.zeros(33)]
+    for _ in range(3):
+        kernels.accumulate_(accs, grads, 1.0, backend="triton")
+    before = g.clone()
+    with pytest.raises(ValueError, match="same tensor"):
+        kernels.finalize_(grads, 0.5, backend="triton")
+    assert torch.equal(g, before)
 
 
 def test_dispatch_prefers_torch_on_the_cpu_and_obeys_the_environment(monkeypatch):

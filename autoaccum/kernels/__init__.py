@@ -93,9 +93,14 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
                                  or not math.isfinite(max_norm) or max_norm <= 0):
         raise ValueError(f"max_norm must be a positive finite number or None; got {max_norm!r}")
     if grads and _plain(grads, backend):           # the torch path needs no launch facts, cached or not
+        _check_once(group.key_of(grads))
         return _finalize_torch(grads, inv_scale, max_norm, apply)
     key = group.key_of(grads)
     facts = group.cached(key, grads)               # a cached list holds no None
+    if facts is None or "distinct" not in facts.cache:   # (accumulate_'s gradients may repeat a tensor)
+        _check_once(key)
+        if facts is not None:
+            facts.cache["distinct"] = True
     where = None
     if facts is None and group.NONE_ID in key:
         where = [i for i, k in enumerate(key) if k != group.NONE_ID]
@@ -213,6 +218,23 @@ def _check_pairs(acc: group.Facts, grad: group.Facts, accs: list, grads: list, w
                          f"accumulator needs its own memory")
     if acc.cached and grad.cached:
         acc.cache["checked with"] = grad
+
+
+def _check_once(key: tuple[int, ...]) -> None:
+    """No tensor listed twice in ``finalize_`` (its identity key): it would count twice in the norm
+    and be scaled twice, and the GPU kernels would scale it from two blocks at once."""
+    if len(set(key)) == len(key):
+        return
+    ids = [k for k in key if k != group.NONE_ID]   # None may repeat
+    if len(set(ids)) == len(ids):
+        return
+    seen: dict[int, int] = {}
+    for i, k in enumerate(key):
+        if k != group.NONE_ID and k in seen:
+            raise ValueError(f"grads[{seen[k]}] and grads[{i}] are the same tensor; finalize_ scales every listed "
+                             f"tensor in place, so it would count twice in the norm and be scaled twice: list "
+                             f"each gradient once")
+        seen.setdefault(k, i)
 
 
 def _check_grad_dtypes(grad: group.Facts, where: list[int] | None) -> None:
