@@ -260,10 +260,13 @@ _INV: dict = {}
 def _inv_tensor(inv_scale, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``inv_scale`` as a one-element device tensor. A number is made with ``torch.full`` (a fill
     launched with the value as an argument; ``torch.tensor(value, device=cuda)`` would copy it from
-    pageable host memory and wait for the device) once per (value, device, dtype): kernels only read it."""
+    pageable host memory and wait for the device) once per (value, device, dtype, stream): kernels
+    only read it, and on the stream that filled it (another stream would need to wait for the fill,
+    and the allocator would not know the tensor is in use there)."""
     if isinstance(inv_scale, torch.Tensor):
         return inv_scale.to(device=device, dtype=dtype).reshape(1)
-    key = (float(inv_scale), device, dtype)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (float(inv_scale), device, dtype, stream)
     hit = _INV.get(key)
     if hit is None:
         if len(_INV) >= 64:
