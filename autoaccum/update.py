@@ -220,7 +220,7 @@ def _finalize_sharded(full: list[torch.Tensor], grads: list[torch.Tensor], inv_s
         scale = kernels.clip_scale(norm64, inv_scale, max_grad_norm)   # float64: no float32 rounding
         if float(scale) != 1.0 and grads:
             for g in grads:
-                g.mul_(scale.to(g.dtype))
+                g.mul_(kernels.reference.factor(scale, g.dtype, g.device))
     return norm64.float(), found
 
 

@@ -284,6 +284,27 @@ def test_the_torch_path_adds_a_narrower_gradient_as_widening_it_first_would(dtyp
         assert all(torch.equal(a, e) for a, e in zip(accs, expected)), (dtype, acc_dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_torch_path_scales_as_a_multiply_by_the_python_number_would(dtype):
+    """Assign and finalize multiply many tensors at once (fp32/fp64 by a 0-dim tensor of their
+    dtype, which PyTorch's CPU foreach runs in one kernel); every element must come out as
+    ``t.mul_(number)`` would make it."""
+    gen = torch.Generator().manual_seed(22)
+    sizes = (1, 31, 4097)
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    grads = [randn(n, dtype, gen, scale=5.0) for n in sizes]
+    accs = [torch.empty(n, dtype=acc_dtype) for n in sizes]
+    kernels.accumulate_(accs, grads, 0.0123457, assign=True, backend="torch")
+    assert all(torch.equal(a, g.to(acc_dtype).mul_(0.0123457)) for a, g in zip(accs, grads))
+    before = [g.clone() for g in grads]
+    host = kernels.reference.host_norm(before, 0.731)        # the float the clip factor is made from
+    kernels.finalize_(grads, 0.731, max_norm=1.0, backend="torch")
+    assert abs(host - math.sqrt(sum(float(b.double().square().sum()) for b in before)) * 0.731) <= 1e-5 * host
+    factor = 0.731 * min(1.0, 1.0 / (host + 1e-6))
+    assert factor < 0.731, "the case must clip"
+    assert all(torch.equal(g, b.mul_(factor)) for g, b in zip(grads, before)), dtype
+
+
 def test_the_torch_path_writes_nothing_when_nothing_is_clipped_or_unscaled():
     gen = torch.Generator().manual_seed(12)
     grads = [randn(n, torch.float32, gen) for n in (5, 3000)]

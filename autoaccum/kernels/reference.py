@@ -36,7 +36,7 @@ def accumulate_(accs: list[torch.Tensor], grads: list[torch.Tensor], weight: flo
     for a_list, g_list in groups.values():   # one dtype pair per group: same-dtype groups take foreach's fast path
         if assign:
             torch._foreach_copy_(a_list, g_list)      # exact widening cast, then one rounding in mul
-            torch._foreach_mul_(a_list, weight)
+            torch._foreach_mul_(a_list, factor(weight, a_list[0].dtype))
         else:   # a narrower gradient is widened exactly inside the op: bitwise g.to(acc) then add_
             torch._foreach_add_(a_list, g_list, alpha=weight)
 
@@ -150,15 +150,15 @@ def finalize_(grads: list[torch.Tensor], inv_scale, max_norm: float | None, appl
             inv = _as_float(inv_scale)
             scale = inv if max_norm is None else inv * min(1.0, max_norm / (norm + CLIP_EPS))
             if scale != 1.0:                  # nothing clipped or unscaled: no write
-                for gs in _by_dtype(grads).values():
-                    torch._foreach_mul_(gs, scale)
+                for (_, dtype), gs in _by_dtype(grads).items():
+                    torch._foreach_mul_(gs, factor(scale, dtype))
         return (torch.scalar_tensor(math.inf if found else norm, dtype=torch.float32),
                 torch.scalar_tensor(1.0 if found else 0.0, dtype=torch.float32))
     norm, found_inf = norm_and_flag(grads, inv_scale)
     if apply:
         scale = torch.where(found_inf > 0, 1.0, clip_scale(norm, inv_scale, max_norm))
         for (device, dtype), gs in _by_dtype(grads).items():
-            torch._foreach_mul_(gs, scale.to(device=device, dtype=dtype))
+            torch._foreach_mul_(gs, factor(scale, dtype, device))
     return norm.to(torch.float32), found_inf
 
 
@@ -171,6 +171,18 @@ def _by_dtype(grads: list[torch.Tensor]) -> dict:
     for g in grads:
         groups[(g.device, g.dtype)].append(g)
     return groups
+
+
+def factor(x: float | torch.Tensor, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """``x`` as the 0-dim tensor ``_foreach_mul_`` should multiply tensors of ``dtype`` by: float64 for
+    float64 tensors, else float32 (the precision ``t.mul_(x)`` computes bf16/fp16 in, and the kernels'
+    factor). Each element then comes out as ``t.mul_(x)`` makes it. A Python number would be rounded
+    to bf16/fp16 first by PyTorch's foreach (a 2**-9 error in the factor for bf16), and on the CPU
+    it runs an op per tensor where a tensor runs one kernel (1,000 small tensors: 1.3 ms -> 0.34)."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=wide)
+    return torch.tensor(x, dtype=wide)
 
 
 def _as_float(x) -> float:
