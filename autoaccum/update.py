@@ -217,10 +217,10 @@ def _finalize_sharded(full: list[torch.Tensor], grads: list[torch.Tensor], inv_s
     found = (t[1] > 0).float()
     norm64 = torch.where(found > 0, float("inf"), t[0].sqrt())
     if not bool(found):
-        scale = kernels.clip_scale(norm64, inv_scale, max_grad_norm)   # float64: no float32 rounding
-        if float(scale) != 1.0 and grads:
+        scale = float(kernels.clip_scale(norm64, inv_scale, max_grad_norm))   # float64: no float32 rounding
+        if scale != 1.0 and grads:
             for g in grads:
-                g.mul_(kernels.reference.factor(scale, g.dtype, g.device))
+                g.mul_(scale)    # a number: bf16/fp16 multiply by it in float32, on any device
     return norm64.float(), found
 
 

@@ -157,8 +157,8 @@ def finalize_(grads: list[torch.Tensor], inv_scale, max_norm: float | None, appl
     norm, found_inf = norm_and_flag(grads, inv_scale)
     if apply:
         scale = torch.where(found_inf > 0, 1.0, clip_scale(norm, inv_scale, max_norm))
-        for (device, dtype), gs in _by_dtype(grads).items():
-            torch._foreach_mul_(gs, factor(scale, dtype, device))
+        for (device, dtype), gs in _by_dtype(grads).items():   # off the CPU a factor tensor is read in
+            torch._foreach_mul_(gs, scale.to(device=device, dtype=dtype))   # the list's dtype anyway
     return norm.to(torch.float32), found_inf
 
 
@@ -173,16 +173,14 @@ def _by_dtype(grads: list[torch.Tensor]) -> dict:
     return groups
 
 
-def factor(x: float | torch.Tensor, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
-    """``x`` as the 0-dim tensor ``_foreach_mul_`` should multiply tensors of ``dtype`` by: float64 for
-    float64 tensors, else float32 (the precision ``t.mul_(x)`` computes bf16/fp16 in, and the kernels'
-    factor). Each element then comes out as ``t.mul_(x)`` makes it. A Python number would be rounded
-    to bf16/fp16 first by PyTorch's foreach (a 2**-9 error in the factor for bf16), and on the CPU
-    it runs an op per tensor where a tensor runs one kernel (1,000 small tensors: 1.3 ms -> 0.34)."""
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
-    if isinstance(x, torch.Tensor):
-        return x.to(device=device, dtype=wide)
-    return torch.tensor(x, dtype=wide)
+def factor(x: float, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as the 0-dim CPU tensor ``_foreach_mul_`` should multiply CPU tensors of ``dtype`` by:
+    float64 for float64 tensors, else float32 (the precision ``t.mul_(x)`` computes bf16/fp16 in on
+    the CPU, and the kernels' factor). Each element then comes out as ``t.mul_(x)`` makes it. Given
+    the Python number, PyTorch's CPU foreach rounds it to bf16/fp16 first (a 2**-9 error in the
+    factor for bf16) and runs an op per tensor, where a tensor runs one kernel (1,000 small fp32
+    tensors: 1.3 ms -> 0.34). On CUDA a list of accumulators (float32/float64) reads it as a number."""
+    return torch.tensor(x, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def _as_float(x) -> float:
