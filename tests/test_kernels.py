@@ -204,6 +204,8 @@ def test_finalize_accepts_a_tensor_inv_scale_and_empty_lists():
     (lambda a, g: kernels.finalize_(g, 0.0), ValueError, "inv_scale"),
     (lambda a, g: kernels.finalize_(g, 1.0, max_norm=-1), ValueError, "max_norm"),
     (lambda a, g: kernels.finalize_([g[0], "x"]), TypeError, "grads\\[1\\]"),
+    (lambda a, g: kernels.accumulate_(a, g, 1e300), ValueError, "beyond float32's range"),
+    (lambda a, g: kernels.accumulate_(a, g, -1e39, assign=True), ValueError, "beyond float32's range"),
     (lambda a, g: kernels.finalize_([g[0], g[1], g[0]], 0.5), ValueError, "grads\\[0\\] and grads\\[2\\] are the same"),
     (lambda a, g: kernels.finalize_([None, g[1], None, g[1]], 0.5), ValueError, "grads\\[1\\] and grads\\[3\\]"),
 ])

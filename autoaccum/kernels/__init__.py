@@ -36,6 +36,7 @@ _GRAD_SET = _FAST_SET | {torch.float64}
 _ACC_SET = frozenset((torch.float32, torch.float64))
 _F32_SET = frozenset((torch.float32,))
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # csrc/launchers.h GradDType
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 def backend_for(tensors: Sequence[torch.Tensor], backend: str | None = None, *, fast_ok: bool = True) -> str:
@@ -63,6 +64,9 @@ def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
     if grad is None:
         grad = group.facts_of(grads, g_key, check=lambda ts: _check_tensors(ts, "grads", where, accs))
     _check_pairs(acc, grad, accs, grads, where)
+    if abs(w) > _F32_MAX and torch.float32 in acc.dtype_set:
+        raise ValueError(f"weight {weight!r} is beyond float32's range, which the float32 accumulators are in; "
+                         f"the weight is a micro-batch's share of the items (at most 1 in the trainer)")
     fast_ok = acc.device is not None and acc.dtype_set == _F32_SET and grad.dtype_set <= _FAST_SET
     chosen = _choose(acc.device if acc.device is not None else accs[0].device, backend, fast_ok)
     if chosen == "torch":
