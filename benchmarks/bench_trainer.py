@@ -3,13 +3,14 @@
 The hand loop runs the same micro-batches as the trainer's plan, cut from the batch each step
 as a user's loop must (``torch.split`` per tensor): ``loss_i * items_i / items``,
 ``backward``, ``clip_grad_norm_(foreach=True)`` when clipping, ``step``,
-``zero_grad(set_to_none=True)``. Both run interleaved in one process on twin models: on the CPU
-step by step, timed in CPU time (``time.process_time_ns``); on CUDA a round of each, in
-synchronised wall time. ``ratio`` is the median over ``--repeat`` rounds of ``--steps`` steps
-(by default as many as take 0.1 s), beside the p10-p90 spread of the rounds: on a shared
-machine the ratio of a tiny step moves by a few percent from run to run, more than any one
-change to the trainer does. The twins' parameters are compared at the end (they must agree to
-rounding: the trainer also checks inf/nan and weights in float64, the loop does not).
+``zero_grad(set_to_none=True)``. Both run in one process on twin models, in alternating rounds of
+``--steps`` steps each (by default as many as take 0.1 s), each side warm in its own round as in
+a training loop: CPU time (``time.process_time``) on the CPU, synchronised wall time on CUDA.
+``ratio`` is the median over ``--repeat`` rounds, beside the rounds' p10-p90. Run it on a quiet
+machine: other work on a 2-core CPU moves the tiny MLP's ratio by several percent. (Alternating
+step by step instead gives ratios about 0.02 lower: each side then starts cold after the other,
+which adds the same cost to both.) The twins' parameters are compared at the end (they must
+agree to rounding: the trainer also checks inf/nan and weights in float64, the loop does not).
 
     python benchmarks/bench_trainer.py --json benchmarks/results/trainer-cpu.json
 """
@@ -109,19 +110,6 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return (time.process_time() - start) / steps
 
 
-def alternated(a, b, steps: int) -> tuple[float, float]:
-    """CPU seconds per step of ``a`` and of ``b``, run alternately ``steps`` times each."""
-    clock, ta, tb = time.process_time_ns, 0, 0
-    for _ in range(steps):
-        t0 = clock()
-        a()
-        t1 = clock()
-        b()
-        t2 = clock()
-        ta, tb = ta + t1 - t0, tb + t2 - t1
-    return ta / steps / 1e9, tb / steps / 1e9
-
-
 def run_case(name, case, device, steps, repeat, fused=False):
     build, batch, loss_fn, count_fn, micro, clip = case
     torch.manual_seed(0)
@@ -140,11 +128,8 @@ def run_case(name, case, device, steps, repeat, fused=False):
     ours_step = lambda: trainer.step(batch)  # noqa: E731
     hand = lambda: hand_step(theirs, opt, batch, sizes, loss_fn, count_fn, clip)  # noqa: E731
     rounds = []
-    for _ in range(repeat):   # interleaved: drift in the machine's speed hits both alike
-        if device.type == "cuda":    # a round of each (a wait for the device per step would be timed too)
-            rounds.append((timed(ours_step, steps, device), timed(hand, steps, device)))
-        else:                        # step by step: drift shorter than a round hits both alike too
-            rounds.append(alternated(ours_step, hand, steps))
+    for _ in range(repeat):   # interleaved rounds: drift in the machine's speed hits both alike
+        rounds.append((timed(ours_step, steps, device), timed(hand, steps, device)))
     ratios = [a / b for a, b in rounds]
     ratio = statistics.median(ratios)
     spread = statistics.quantiles(ratios, n=10, method="inclusive") if len(ratios) > 1 else ratios
