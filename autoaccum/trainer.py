@@ -377,12 +377,12 @@ class Trainer:
     def _run_alone(self, parts: list[Any], counts: list[float], total: float, live: list[int], on_device: bool,
                    loss_sum: WeightedLoss) -> Failure | None:
         """:meth:`_attempt`'s micro-batches in one process: what :meth:`_forward_backward` does for
-        each, with nothing only ranks need (agreement points, the wrapper's sync context), inline
-        instead of a call and two context managers per micro-batch (about 3 µs each on a CPU,
-        which a small model notices). Returns the first failure, if any."""
-        model, loss_fn, buffer, scaler = self.model, self.loss_fn, self.buffer, self.scaler
+        each, with nothing only ranks need (agreement points, the wrapper's sync context), without
+        a call and two context managers per micro-batch around it (about 3 µs each on a CPU, which
+        a small model notices). Returns the first failure, if any."""
+        model, loss_fn = self.model, self.loss_fn
         context = autocast_or_none(self.device, self.amp_dtype)
-        loss = weighted = part = None
+        loss = part = None
         for i in live:
             share = counts[i] / total
             try:
@@ -393,19 +393,14 @@ class Trainer:
                     with context:
                         loss = call_loss(model, part, loss_fn)
                 loss = checked(loss, i, loss_fn is None)
-                if buffer is not None:
-                    buffer.weight = share            # the accumulate kernel applies it, in fp32
-                    weighted = loss
-                else:
-                    weighted = loss * share
-                (weighted * scaler.scale if scaler is not None else weighted).backward()
+                self._backward(loss, share)
             except Exception as e:  # noqa: BLE001 - classified: OOM is recovered, anything else re-raised
-                loss = weighted = part = None        # a half-run graph dies with them
+                loss = part = None                   # a half-run graph dies with them
                 return classify(e, i, batching.batch_size(parts[i]))
             loss_sum.add(loss, share)
             # A scalar loss can own a large storage (CPU mse_loss reduces in place in its
             # elementwise buffer): it must not live into the next micro-batch.
-            loss = weighted = part = None
+            loss = part = None
         return None
 
     def _inputs(self, part: Any, index: int) -> tuple[Any, Failure | None]:
@@ -423,12 +418,7 @@ class Trainer:
             with self.topology.micro_batch(last):
                 loss = compute_loss(self.model, part, self.loss_fn, self.device, self.amp_dtype, index,
                                     context=context)
-                if self.buffer is not None:
-                    self.buffer.weight = weight        # the accumulate kernel applies it, in fp32
-                    weighted = loss
-                else:
-                    weighted = loss * weight
-                (weighted * self.scaler.scale if self.scaler is not None else weighted).backward()
+                self._backward(loss, weight)
             return loss, None
         except PeerStopped:
             return None, None
@@ -436,6 +426,16 @@ class Trainer:
             failure = classify(e, index, batching.batch_size(part))
             del e, part     # with its frames gone, a half-run graph dies when this returns
             return None, failure
+
+    def _backward(self, loss: torch.Tensor, weight: float) -> None:
+        """Backward of ``weight * loss``; with the gradient buffer the accumulate kernel applies the
+        weight instead (in fp32) and the loss goes as it is; fp16's loss scale multiplies either."""
+        if self.buffer is not None:
+            self.buffer.weight = weight
+            weighted = loss
+        else:
+            weighted = loss * weight
+        (weighted * self.scaler.scale if self.scaler is not None else weighted).backward()
 
     def _agree(self, failure: Failure | None, final: bool, in_flight: bool = False) -> Agreement:
         """The agreement point: every rank reports ok / out of memory / error and proposes a micro-batch."""

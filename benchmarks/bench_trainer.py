@@ -121,12 +121,12 @@ def run_case(name, case, device, steps, repeat, fused=False):
                             loss_fn=loss_fn, count_fn=count_fn, micro_batch=micro, max_grad_norm=clip)
     opt = adamw(theirs.parameters())
     sizes = trainer.plan.micro_batches
-    both = lambda: (trainer.step(batch), hand_step(theirs, opt, batch, sizes, loss_fn, count_fn, clip))  # noqa: E731
+    ours_step = lambda: trainer.step(batch)  # noqa: E731
+    hand = lambda: hand_step(theirs, opt, batch, sizes, loss_fn, count_fn, clip)  # noqa: E731
+    both = lambda: (ours_step(), hand())  # noqa: E731
     timed(both, 3, device)    # warm-up (first steps build optimizer state, kernels, workspaces); both twins
     if not steps:             # enough steps that a round lasts 0.1 s: short rounds are mostly noise
         steps = max(3, min(200, math.ceil(0.2 / max(timed(both, 2, device), 1e-6))))
-    ours_step = lambda: trainer.step(batch)  # noqa: E731
-    hand = lambda: hand_step(theirs, opt, batch, sizes, loss_fn, count_fn, clip)  # noqa: E731
     rounds = []
     for _ in range(repeat):   # interleaved rounds: drift in the machine's speed hits both alike
         rounds.append((timed(ours_step, steps, device), timed(hand, steps, device)))

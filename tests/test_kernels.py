@@ -288,8 +288,8 @@ def test_the_torch_path_adds_a_narrower_gradient_as_widening_it_first_would(dtyp
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_the_torch_path_scales_as_a_multiply_by_the_python_number_would(dtype):
-    """Assign and finalize multiply many tensors at once (fp32/fp64 by a 0-dim tensor of their
-    dtype, which PyTorch's CPU foreach runs in one kernel); every element must come out as
+    """Assign and finalize multiply many tensors at once (by a 0-dim float32 tensor, float64 for
+    float64, which PyTorch's CPU foreach runs in one kernel); every element must come out as
     ``t.mul_(number)`` would make it."""
     gen = torch.Generator().manual_seed(22)
     sizes = (1, 31, 4097)
