@@ -208,12 +208,18 @@ def test_errors_that_are_not_oom_are_reraised_unchanged_and_state_restored():
 
 def test_real_out_of_memory_under_an_address_space_limit():
     """A child process with RLIMIT_AS: large trials fail for real inside the allocator; the probe
-    must classify them, clean up, and return a size that then trains in the same process."""
+    must classify them, clean up, and return a size that then trains in the same process.
+
+    oneDNN is off in the child: under the address-space limit, a failed allocation inside oneDNN
+    sometimes surfaces as "could not create a primitive", the message oneDNN gives for any failure,
+    which autoaccum does not take for out-of-memory (about 1 run in 10 failed that way). With it
+    off, every allocation goes through PyTorch's CPU allocator, whose failure this test is about."""
     code = textwrap.dedent("""
         import resource, torch, autoaccum
         from torch import nn
         import torch.nn.functional as F
         torch.set_num_threads(1)
+        torch.backends.mkldnn.enabled = False
         model = nn.Sequential(nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 8))
         opt = torch.optim.AdamW(model.parameters())
         loss_fn = lambda m, b: F.mse_loss(m(b[0]).mean(1), b[1])
