@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import exit_guard
 from .checks import resolve_accum_dtype
 
 SYNC_MODES = ("deferred", "overlap")
@@ -206,7 +207,7 @@ class Topology:
             return local_items, rejected, True
         k = float(micro_batches)
         t = torch.tensor([local_items, float(rejected), k, k * k], dtype=torch.float64, device=self.comm_device)
-        dist.all_reduce(t, group=self.group)
+        dist.all_reduce(exit_guard.track(t), group=self.group)
         return float(t[0]), bool(t[1] > 0), bool(self.world_size * t[3] == t[2] * t[2])
 
     def agree(self, failed: int, proposal: int, touched: torch.Tensor | None = None) -> Agreement:
@@ -216,14 +217,14 @@ class Topology:
         extra = touched.to(self.comm_device, torch.int64) if touched is not None else torch.zeros(0, dtype=torch.int64,
                                                                                                  device=self.comm_device)
         t = torch.cat([torch.tensor([failed, -proposal], dtype=torch.int64, device=self.comm_device), extra])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(exit_guard.track(t), op=dist.ReduceOp.MAX, group=self.group)
         return Agreement(int(t[0]), -int(t[1]), t[2:] if touched is not None else None)
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place SUM over ranks (losses, norms); a no-op alone."""
         if self.distributed:
             moved = t.to(self.comm_device)
-            dist.all_reduce(moved, group=self.group)
+            dist.all_reduce(exit_guard.track(moved), group=self.group)
             if moved is not t:
                 t.copy_(moved)
         return t
@@ -233,7 +234,7 @@ class Topology:
         if not self.distributed:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=self.comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(exit_guard.track(t), op=dist.ReduceOp.MIN, group=self.group)
         return int(t[0])
 
     def unmanaged(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -257,7 +258,7 @@ class Topology:
         with torch.no_grad():
             for bufs in groups.values():
                 flat = torch.cat([b.reshape(-1) for b in bufs]).to(self.comm_device)
-                dist.broadcast(flat, src=src, group=self.group)
+                dist.broadcast(exit_guard.track(flat), src=src, group=self.group)
                 offset = 0
                 for b in bufs:
                     b.copy_(flat[offset:offset + b.numel()].view_as(b))
@@ -303,7 +304,8 @@ class Topology:
         for flat in flat_buffers:
             per = max(1, bucket_bytes // flat.element_size())
             for start in range(0, flat.numel(), per):
-                handles.append(dist.all_reduce(flat[start:start + per], group=self.group, async_op=True))
+                handles.append(dist.all_reduce(exit_guard.track(flat[start:start + per]), group=self.group,
+                                               async_op=True))
         for h in handles:
             h.wait()
         self.allreduces += len(handles)

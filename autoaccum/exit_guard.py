@@ -1,0 +1,58 @@
+"""Let the process group's worker threads drop autoaccum's tensors before the interpreter exits.
+
+A tensor that C++ code holds keeps its Python object alive, and whoever drops the last C++
+reference must take the GIL to release that object (c10's intrusive_ptr, "PyObject
+preservation"). gloo runs a collective on a worker thread and drops the work, with its tensors,
+just after completing it: the caller's ``wait()`` has already returned. When the script ends in
+that gap, the worker reaches for the GIL while the interpreter finalises and the process aborts
+with "terminate called without an active exception" after training succeeded
+(pytorch/pytorch#190489; 6 of 28 runs of examples/torchrun_demo.py on a 2-core machine, torch 2.13).
+
+autoaccum hands every collective's tensor to :func:`track` first; at exit it waits, with the GIL
+released, until the workers have let go of them (at most :data:`EXIT_WAIT_S`). Collectives that
+DDP or FSDP2 issue themselves (DDP's bucket all-reduce under ``sync="overlap"``) are out of reach.
+"""
+from __future__ import annotations
+
+import atexit
+import time
+import weakref
+
+import torch
+
+EXIT_WAIT_S = 2.0   # bounded: a collective a dead peer never completes must not hold the exit
+_KEEP = 256         # entries remembered at most (each is a weak reference and an int)
+
+_pending: list[tuple[weakref.ref, int]] = []
+_registered = False
+
+
+def track(t: torch.Tensor) -> torch.Tensor:
+    """Remember ``t`` and its C++ use count right before it goes into a collective."""
+    global _registered, _pending
+    if not hasattr(t, "_use_count"):   # a torch without it: nothing to compare against
+        return t
+    if not _registered:
+        atexit.register(wait_for_release)
+        _registered = True
+    _pending = [e for e in _pending if not _released(e)][-(_KEEP - 1):]
+    _pending.append((weakref.ref(t), t._use_count()))
+    return t
+
+
+def _released(entry: tuple[weakref.ref, int]) -> bool:
+    t = entry[0]()
+    return t is None or t._use_count() <= entry[1]
+
+
+def wait_for_release(timeout_s: float | None = None) -> bool:
+    """Sleep until every tracked tensor is back to its use count before the collective (the
+    worker thread dropped its work) or ``timeout_s`` (default :data:`EXIT_WAIT_S`) passes; True
+    if all were released."""
+    global _pending
+    deadline = time.monotonic() + (EXIT_WAIT_S if timeout_s is None else timeout_s)
+    while True:
+        _pending = [e for e in _pending if not _released(e)]
+        if not _pending or time.monotonic() >= deadline:
+            return not _pending
+        time.sleep(0.001)
