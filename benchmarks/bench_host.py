@@ -14,7 +14,9 @@ uploaded as in real use. Cases:
 * ``accumulate repeated``: the same accumulator views and the same gradient tensors every call;
 * ``accumulate fresh grads``: the same views, new gradient tensors every call (the trainer's
   case: autograd makes a new ``.grad`` per micro-batch); making them is not timed;
-* ``finalize repeated``: the buffer's views, with clipping (the trainer's case).
+* ``finalize repeated``: the buffer's views, with clipping (the trainer's case);
+* ``accumulate fresh grads, beyond the add`` (torch path, no stubs): the call's time minus the
+  add it runs (``reference.accumulate_`` on the same lists), quantile by quantile.
 
 ``floor`` is the time to touch each tensor once from Python (``tuple(map(id, tensors))``): a
 measure of this machine's speed, and of what any per-tensor Python costs here.
@@ -123,6 +125,20 @@ def measure(count: int, backend: str, device: str, calls: int) -> list[dict]:
     return rows
 
 
+def measure_torch_path(count: int, device: str, calls: int) -> dict:
+    """The torch path (the CPU's) with fresh gradients: what ``accumulate_`` adds to the add itself
+    (``reference.accumulate_``, timed alone on the same lists)."""
+    views = buffer_views(count, device)
+    grads = [torch.randn(v.shape, device=device).bfloat16() for v in views]
+    fresh = lambda: [torch.empty_like(g).copy_(g) for g in grads]  # noqa: E731
+    for _ in range(3):
+        kernels.accumulate_(list(views), fresh(), 0.5, backend="torch")
+    total = per_call_us(lambda g: kernels.accumulate_(list(views), g, 0.5, backend="torch"), calls, prepare=fresh)
+    add = per_call_us(lambda g: kernels.reference.accumulate_(views, g, 0.5, False), calls, prepare=fresh)
+    over = [t - a for t, a in zip(sorted(total), sorted(add))]
+    return {"case": "accumulate fresh grads, beyond the add", "backend": "torch", "tensors": count, **summary(over)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -142,6 +158,10 @@ def main() -> None:
                 rows.append(r)
                 print(f"{r['case']:34} {r['backend']:8} {r['tensors']:7d} {r['median_us']:10.1f} "
                       f"{r['p10_us']:8.1f} {r['p90_us']:8.1f}")
+        r = measure_torch_path(count, args.device, args.calls)
+        rows.append(r)
+        print(f"{r['case']:34} {r['backend']:8} {r['tensors']:7d} {r['median_us']:10.1f} "
+              f"{r['p10_us']:8.1f} {r['p90_us']:8.1f}")
     assert _NoLaunch.calls and _NoExtension.calls, "the stubs were never called: the benchmark measured nothing"
     if args.json:
         meta = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),

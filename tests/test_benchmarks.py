@@ -43,7 +43,8 @@ def test_bench_host_drives_both_fast_paths_through_their_stubs(tmp_path):
     for backend in ("triton", "cuda"):
         for case in ("accumulate repeated", "accumulate fresh grads", "finalize repeated"):
             assert (case, backend, 300) in cases
-    assert all(r["median_us"] > 0 for r in data["rows"])
+    assert ("accumulate fresh grads, beyond the add", "torch", 300) in cases   # a difference: may be ~0
+    assert all(r["median_us"] > 0 for r in data["rows"] if r["backend"] != "torch")
 
 
 def test_the_extension_stub_takes_the_bindings_arguments():

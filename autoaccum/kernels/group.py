@@ -36,7 +36,7 @@ from .layout import dense_order, in_memory_order
 
 MAX_ENTRIES = 64
 DTYPE = operator.attrgetter("dtype")
-_SHAPE = operator.attrgetter("shape")
+SHAPE = operator.attrgetter("shape")
 DEVICE = operator.attrgetter("device")
 IS_CPU = operator.attrgetter("is_cpu")
 NONE_ID = id(None)
@@ -61,7 +61,7 @@ class Facts:
         self.n = len(tensors)
         self.dtypes = list(map(DTYPE, tensors))
         self.dtype_set = frozenset(self.dtypes)
-        self.shapes = list(map(_SHAPE, tensors))
+        self.shapes = list(map(SHAPE, tensors))
         self.devices = set(map(DEVICE, tensors))
         self.device = next(iter(self.devices)) if len(self.devices) == 1 else None
         contiguous = list(map(torch.Tensor.is_contiguous, tensors))
