@@ -149,19 +149,19 @@ def main() -> None:
     stub_launches()
     torch.set_num_threads(1)
     rows = []
-    print(f"{'case':34} {'backend':8} {'tensors':>7} {'median µs':>10} {'p10':>8} {'p90':>8}")
+    print(f"{'case':40} {'backend':8} {'tensors':>7} {'median µs':>10} {'p10':>8} {'p90':>8}")
+
+    def keep(r: dict) -> None:
+        rows.append(r)
+        print(f"{r['case']:40} {r['backend']:8} {r['tensors']:7d} {r['median_us']:10.1f} "
+              f"{r['p10_us']:8.1f} {r['p90_us']:8.1f}")
+
     for count in args.counts:
         for backend in ("triton", "cuda"):
             for r in measure(count, backend, args.device, args.calls):
-                if r["backend"] == "-" and backend == "cuda":
-                    continue
-                rows.append(r)
-                print(f"{r['case']:34} {r['backend']:8} {r['tensors']:7d} {r['median_us']:10.1f} "
-                      f"{r['p10_us']:8.1f} {r['p90_us']:8.1f}")
-        r = measure_torch_path(count, args.device, args.calls)
-        rows.append(r)
-        print(f"{r['case']:34} {r['backend']:8} {r['tensors']:7d} {r['median_us']:10.1f} "
-              f"{r['p10_us']:8.1f} {r['p90_us']:8.1f}")
+                if not (r["backend"] == "-" and backend == "cuda"):
+                    keep(r)
+        keep(measure_torch_path(count, args.device, args.calls))
     assert _NoLaunch.calls and _NoExtension.calls, "the stubs were never called: the benchmark measured nothing"
     if args.json:
         meta = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
