@@ -218,15 +218,15 @@ class Topology:
                                                                                                  device=self.comm_device)
         t = torch.cat([torch.tensor([failed, -proposal], dtype=torch.int64, device=self.comm_device), extra])
         dist.all_reduce(exit_guard.track(t), op=dist.ReduceOp.MAX, group=self.group)
-        return Agreement(int(t[0]), -int(t[1]), t[2:] if touched is not None else None)
+        # a copy: a view would hold ``t``, which exit_guard would take for a collective in flight
+        return Agreement(int(t[0]), -int(t[1]), t[2:].clone() if touched is not None else None)
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place SUM over ranks (losses, norms); a no-op alone."""
         if self.distributed:
-            moved = t.to(self.comm_device)
-            dist.all_reduce(exit_guard.track(moved), group=self.group)
-            if moved is not t:
-                t.copy_(moved)
+            mine = t.to(self.comm_device, copy=True)   # no caller holds views of it (see exit_guard)
+            dist.all_reduce(exit_guard.track(mine), group=self.group)
+            t.copy_(mine)
         return t
 
     def agree_min(self, value: int) -> int:

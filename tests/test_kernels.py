@@ -208,6 +208,9 @@ def test_finalize_accepts_a_tensor_inv_scale_and_empty_lists():
     (lambda a, g: kernels.accumulate_(a, g, -1e39, assign=True), ValueError, "beyond float32's range"),
     (lambda a, g: kernels.finalize_([g[0], g[1], g[0]], 0.5), ValueError, "grads\\[0\\] and grads\\[2\\] are the same"),
     (lambda a, g: kernels.finalize_([None, g[1], None, g[1]], 0.5), ValueError, "grads\\[1\\] and grads\\[3\\]"),
+    (lambda a, g: kernels.accumulate_(a, [g[0], g[1].to_sparse()], 1.0), TypeError, "grads\\[1\\] is a torch.sparse_coo"),
+    (lambda a, g: kernels.accumulate_(a, [g[0], g[1].to_sparse()], 0.5, assign=True), TypeError, "dense \\(strided\\)"),
+    (lambda a, g: kernels.finalize_([g[0], g[1].to_sparse()]), TypeError, "grads\\[1\\] is a torch.sparse_coo"),
 ])
 def test_bad_input_is_rejected_before_anything_is_written(call, exc, match):
     accs = [torch.randn(10), torch.randn(20)]

@@ -36,6 +36,7 @@ _GRAD_SET = _FAST_SET | {torch.float64}
 _ACC_SET = frozenset((torch.float32, torch.float64))
 _F32_SET = frozenset((torch.float32,))
 _F64_SET = frozenset((torch.float64,))
+_STRIDED = {torch.strided}
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # csrc/launchers.h GradDType
 _F32_MAX = torch.finfo(torch.float32).max
 
@@ -153,8 +154,8 @@ def _finalize_torch(grads: Sequence[torch.Tensor], inv_scale, max_norm: float | 
 
 
 def _plain(grads: Sequence[torch.Tensor], backend: str | None) -> frozenset | None:
-    """Will ``grads`` take the torch path, and are they fit for it (tensors of gradient dtypes on one
-    device)? Then their dtypes, and no facts are made: on the CPU, fresh gradients every step would
+    """Will ``grads`` take the torch path, and are they fit for it (strided tensors of gradient dtypes
+    on one device)? Then their dtypes, and no facts are made: on the CPU, fresh gradients every step would
     pay for them (about 1 µs per tensor) only to be told to use torch. Anything unusual (None)
     goes the long way, whose checks name the culprit."""
     choice = backend or os.environ.get("AUTOACCUM_BACKEND") or None
@@ -164,8 +165,9 @@ def _plain(grads: Sequence[torch.Tensor], backend: str | None) -> frozenset | No
     if not all(issubclass(t, torch.Tensor) for t in set(map(type, grads))):
         return None
     dtypes = frozenset(map(group.DTYPE, grads))
-    if dtypes <= _GRAD_SET and (all(map(group.IS_CPU, grads)) if first.is_cpu
-                                else len(set(map(group.DEVICE, grads))) == 1):
+    if (dtypes <= _GRAD_SET and (all(map(group.IS_CPU, grads)) if first.is_cpu
+                                 else len(set(map(group.DEVICE, grads))) == 1)
+            and set(map(group.LAYOUT, grads)) == _STRIDED):   # sparse, mkldnn: the long way rejects them
         return dtypes
     return None
 
@@ -204,9 +206,15 @@ def _at(where: list[int] | None, i: int) -> int:
 
 
 def _check_tensors(ts: list, name: str, where: list[int] | None, other: list | None = None) -> None:
-    """Every entry a tensor: one pass over the distinct types, a loop only to name the culprit."""
+    """Every entry a strided tensor: one pass over the distinct types and one over the layouts, a
+    loop only to name the culprit."""
     if all(issubclass(t, torch.Tensor) for t in set(map(type, ts))):
-        return
+        if set(map(group.LAYOUT, ts)) <= _STRIDED:
+            return
+        i = next(i for i, t in enumerate(ts) if t.layout != torch.strided)
+        raise TypeError(f"{name}[{_at(where, i)}] is a {ts[i].layout} tensor; the kernels take dense (strided) "
+                        f"tensors: pass t.to_dense() (a sparse gradient, e.g. from Embedding(sparse=True), "
+                        f"cannot be accumulated into a dense buffer in place)")
     i = next(i for i, t in enumerate(ts) if not isinstance(t, torch.Tensor))
     k = _at(where, i)
     if other is None:

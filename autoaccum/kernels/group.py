@@ -39,6 +39,7 @@ DTYPE = operator.attrgetter("dtype")
 SHAPE = operator.attrgetter("shape")
 DEVICE = operator.attrgetter("device")
 IS_CPU = operator.attrgetter("is_cpu")
+LAYOUT = operator.attrgetter("layout")
 NONE_ID = id(None)
 
 _entries: OrderedDict[tuple[int, ...], "Facts"] = OrderedDict()
