@@ -54,6 +54,7 @@ def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
         raise TypeError("accs and grads must be lists (or tuples) of tensors")
     if len(accs) != len(grads):
         raise ValueError(f"accs and grads must pair up; got {len(accs)} accumulators and {len(grads)} gradients")
+    acc = None
     g_dtypes = _plain(grads, backend) if accs else None
     if g_dtypes:                                   # the torch path needs no launch facts for the gradients
         acc = group.facts_of(accs, check=lambda ts: _check_tensors(ts, "accs", None, grads))
@@ -69,7 +70,8 @@ def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
         accs, grads, g_key = [accs[i] for i in where], [grads[i] for i in where], None
     if not accs:
         return
-    acc = group.facts_of(accs, check=lambda ts: _check_tensors(ts, "accs", where, grads))
+    if acc is None:                                # (made above when the gradients were plain: no None)
+        acc = group.facts_of(accs, check=lambda ts: _check_tensors(ts, "accs", where, grads))
     if grad is None:
         grad = group.facts_of(grads, g_key, check=lambda ts: _check_tensors(ts, "grads", where, accs))
     _check_pairs(acc, grad, accs, grads, where)
