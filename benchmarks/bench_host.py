@@ -8,7 +8,10 @@ repeats (as the gradient buffer's views do, step after step).
 The launches are replaced by no-ops (Triton's kernels by a stub that takes the launch arguments;
 the CUDA extension by a stub module with its functions), so this measures autoaccum's own work:
 checking the lists, finding the cached facts and launch tables, building per-call address
-arrays. On the CPU the address tables live in CPU memory; on a GPU (``--device cuda``) they are
+arrays. The ``cuda`` rows use the extension's real cache check (``same_tensors``): the built
+extension where there is one, else the binding ``csrc/bindings.cpp`` compiled for the host with
+no-op launchers (``tests/csrc/no_launch.cpp``; about 20 s with g++ and ninja, cached after);
+``--no-binding`` or a failed build leaves the Python check, and the JSON says which ran. On the CPU the address tables live in CPU memory; on a GPU (``--device cuda``) they are
 uploaded as in real use. Cases:
 
 * ``accumulate repeated``: the same accumulator views and the same gradient tensors every call;
@@ -43,6 +46,7 @@ from autoaccum.kernels import accumulate as tri_acc  # noqa: E402
 from autoaccum.kernels import finalize as tri_fin  # noqa: E402
 
 COUNTS = (10, 100, 1000, 2000)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _NoLaunch:
@@ -64,6 +68,24 @@ class _NoExtension:
 
     def finalize(self, ptrs, numels, codes, inv_scale, max_norm, apply, result, stream):
         _NoExtension.calls += 1
+
+
+def host_binding(build_dir: Path | None = None):
+    """The CUDA extension if it is built (a GPU machine), else ``csrc/bindings.cpp`` built for this
+    machine's CPU with no-op launchers; or the reason it could not be (no compiler, no ninja, a
+    build error)."""
+    built = kernels.cuda_ext.load()
+    if built is not None and hasattr(built, "same_tensors"):
+        return built
+    try:
+        from torch.utils.cpp_extension import load
+        build_dir = build_dir or Path.home() / ".cache" / "autoaccum" / "host_binding"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        return load(name="autoaccum_host_binding", build_directory=str(build_dir), extra_include_paths=[str(ROOT / "csrc")],
+                    sources=[str(ROOT / "csrc" / "bindings.cpp"), str(ROOT / "tests" / "csrc" / "no_launch.cpp")],
+                    extra_cflags=["-O2"], verbose=False)
+    except Exception as e:  # noqa: BLE001 - any failure means: measure without it, and say so
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
 
 
 def stub_launches() -> None:
@@ -98,7 +120,10 @@ def summary(samples: list[float]) -> dict:
     return {"median_us": statistics.median(samples), "p10_us": q[0], "p90_us": q[-1]}
 
 
-def measure(count: int, backend: str, device: str, calls: int) -> list[dict]:
+def measure(count: int, backend: str, device: str, calls: int, binding=None) -> list[dict]:
+    """``binding``: the host-built extension whose ``same_tensors`` the cache uses (``cuda`` rows)."""
+    kernels.forget()
+    kernels.cuda_ext._module = binding if backend == "cuda" else None
     views = buffer_views(count, device)
     grads = [torch.randn(v.shape, device=device).bfloat16() for v in views]
     rows = []
@@ -127,7 +152,9 @@ def measure(count: int, backend: str, device: str, calls: int) -> list[dict]:
 
 def measure_torch_path(count: int, device: str, calls: int) -> dict:
     """The torch path (the CPU's) with fresh gradients: what ``accumulate_`` adds to the add itself
-    (``reference.accumulate_``, timed alone on the same lists)."""
+    (``reference.accumulate_``, timed alone on the same lists). No extension: a CPU install has none."""
+    kernels.forget()
+    kernels.cuda_ext._module = None
     views = buffer_views(count, device)
     grads = [torch.randn(v.shape, device=device).bfloat16() for v in views]
     fresh = lambda: [torch.empty_like(g).copy_(g) for g in grads]  # noqa: E731
@@ -145,7 +172,12 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--no-binding", action="store_true", help="the cuda rows without the host-built binding")
     args = ap.parse_args()
+    binding = None if args.no_binding else host_binding()
+    if isinstance(binding, str):
+        print(f"(the host binding did not build: {binding}; the cuda rows use the Python cache check)")
+        binding = None
     stub_launches()
     torch.set_num_threads(1)
     rows = []
@@ -158,7 +190,7 @@ def main() -> None:
 
     for count in args.counts:
         for backend in ("triton", "cuda"):
-            for r in measure(count, backend, args.device, args.calls):
+            for r in measure(count, backend, args.device, args.calls, binding):
                 if not (r["backend"] == "-" and backend == "cuda"):
                     keep(r)
         keep(measure_torch_path(count, args.device, args.calls))
@@ -166,6 +198,7 @@ def main() -> None:
     if args.json:
         meta = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
                 "python": platform.python_version(), "torch": torch.__version__, "device": args.device,
+                "cache_check_in_cuda_rows": "C++ (host-built binding)" if binding else "Python",
                 "command": " ".join(sys.argv)}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

@@ -26,6 +26,33 @@ std::vector<void*> pointers(const at::Tensor& t, const char* what) {
   return out;
 }
 
+// Whether `tensors` (a list or tuple) holds exactly the Python objects whose addresses are `ids`, in order,
+// each with its data still at `ptrs`: then the facts Python cached for that list still hold. One pass here
+// replaces two in Python (id() and data_ptr() of every tensor, about 60 ns each: 60 us at 1,000 tensors).
+// Python calls it only while every tensor of the cached list is alive (a weak reference's callback drops
+// the entry), so an address that matches is that same tensor.
+bool same_tensors(py::handle tensors, const at::Tensor& ids, const at::Tensor& ptrs) {
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous() &&
+                  ptrs.device().is_cpu() && ptrs.scalar_type() == at::kLong && ptrs.sizes() == ids.sizes() &&
+                  ptrs.is_contiguous(),
+              "autoaccum: ids and ptrs must be 1-D contiguous int64 CPU tensors of one length");
+  PyObject* seq = tensors.ptr();
+  if (!PyList_Check(seq) && !PyTuple_Check(seq)) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  if (n != ids.numel()) return false;
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  const int64_t* ptr = ptrs.const_data_ptr<int64_t>();
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (reinterpret_cast<int64_t>(items[i]) != id[i]) return false;
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_Check(items[i])) return false;
+    if (reinterpret_cast<int64_t>(THPVariable_Unpack(items[i]).const_data_ptr()) != ptr[i]) return false;
+  }
+  return true;
+}
+
 void check_code(int64_t code) {
   TORCH_CHECK(code == autoaccum::kFloat32 || code == autoaccum::kFloat16 || code == autoaccum::kBFloat16,
               "autoaccum: unknown gradient dtype code ", code);
@@ -85,11 +112,13 @@ void finalize(const std::vector<at::Tensor>& ptrs, const std::vector<at::Tensor>
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "autoaccum's fused gradient kernels (accumulate, finalize) over address tables";
+  m.doc() = "autoaccum's fused gradient kernels (accumulate, finalize) over address tables, and their cache check";
   m.def("accumulate", &accumulate, "acc (+)= weight * float(grad) over address tables of one gradient dtype",
         py::arg("acc_ptrs"), py::arg("grad_ptrs"), py::arg("numels"), py::arg("grad_dtype"), py::arg("weight"),
         py::arg("assign"), py::arg("stream"));
   m.def("finalize", &finalize, "norm + inf check, then scale in place; writes {norm, found_inf, scale}",
         py::arg("ptrs"), py::arg("numels"), py::arg("codes"), py::arg("inv_scale"), py::arg("max_norm"),
         py::arg("apply"), py::arg("result"), py::arg("stream"));
+  m.def("same_tensors", &same_tensors, "tensors are the objects at ids, each with its data at ptrs (a cache check)",
+        py::arg("tensors"), py::arg("ids"), py::arg("ptrs"));
 }

@@ -38,3 +38,18 @@ def pytest_collection_modifyitems(config, items):
 def _private_probe_cache(tmp_path, monkeypatch):
     """Each test gets its own probe cache, so no test reads another's results or the user's."""
     monkeypatch.setenv("AUTOACCUM_CACHE_DIR", str(tmp_path / "autoaccum-cache"))
+
+
+@pytest.fixture(scope="session")
+def host_binding():
+    """csrc/bindings.cpp built for the CPU with no-op launchers (benchmarks/bench_host.py builds the
+    same one; ~20 s once per machine): the binding's host-side code, tested without a GPU."""
+    import shutil
+
+    from bench_host import host_binding as build
+    if (shutil.which("c++") or shutil.which("g++")) is None or shutil.which("ninja") is None:
+        pytest.skip("building the binding for the host needs a C++ compiler and ninja")
+    module = build()
+    if isinstance(module, str):
+        pytest.fail(f"csrc/bindings.cpp did not build for the host: {module}")
+    return module

@@ -53,3 +53,29 @@ def test_setup_py_skips_the_extension_without_cuda(tmp_path):
     if torch.version.cuda is None:
         notices = [line for line in r.stderr.splitlines() if line.startswith("autoaccum:")]
         assert len(notices) == 1 and "pure Python" in notices[0], r.stderr
+
+
+def _ident(tensors):
+    return (torch.tensor([id(t) for t in tensors], dtype=torch.int64),
+            torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64))
+
+
+def test_same_tensors_sees_identity_order_and_memory(host_binding):
+    """The binding's cache check: true only for the very same tensors, in order, at their addresses."""
+    same = host_binding.same_tensors
+    flat = torch.randn(40)
+    ts = [flat[:10], flat[10:], torch.randn(3, 4).t(), torch.empty(0)]
+    ids, ptrs = _ident(ts)
+    assert same(ts, ids, ptrs) and same(tuple(ts), ids, ptrs)
+    assert not same(ts[::-1], ids, ptrs)                      # order
+    assert not same(ts[:3], ids, ptrs)                        # length
+    assert not same([flat[:10]] + ts[1:], ids, ptrs)          # an equal view, another object
+    assert not same(ts[:3] + [None], ids, ptrs)
+    assert not same(iter(ts), ids, ptrs)                      # neither list nor tuple: never vouched for
+    ts[2].data = torch.randn(4, 3)                            # same object, new memory
+    assert not same(ts, ids, ptrs)
+    assert same(ts, *_ident(ts))
+    with pytest.raises(RuntimeError, match="ids and ptrs must be 1-D contiguous int64 CPU tensors"):
+        same(ts, ids.int(), ptrs)
+    with pytest.raises(RuntimeError, match="of one length"):
+        same(ts, ids, ptrs[:2])

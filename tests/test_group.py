@@ -146,3 +146,64 @@ def test_fresh_gradients_whose_ids_are_reused_are_not_taken_for_a_repeat(monkeyp
         kernels.accumulate_(accs, list(fresh), 0.5, backend="triton")   # a path that looks the gradients up
         fresh.clear()                                  # the gradients die, their "ids" stay seen
     assert remembered == [real_key(accs)], "only the accumulators (a repeated list) are kept"
+
+
+@pytest.fixture
+def binding_loaded(host_binding, monkeypatch):
+    """The cache as it runs where the CUDA extension is loaded: recall() checks in C++."""
+    monkeypatch.setattr(kernels.cuda_ext, "_module", host_binding)
+    return host_binding
+
+
+def test_with_the_extension_a_repeated_list_is_recalled_in_one_check(binding_loaded, monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    accs = views([5, 17, 300], gen)
+    grads = [torch.randn(a.shape, generator=gen) for a in accs]
+    for _ in range(3):
+        kernels.accumulate_(list(accs), list(grads), 0.5)
+    facts = group.cached(group.key_of(accs), accs)
+    assert facts is not None and group.recall(list(accs)) is facts and group.recall(tuple(accs)) is facts
+    keys = []
+    monkeypatch.setattr(group, "key_of", lambda ts: keys.append(len(ts)) or tuple(map(id, ts)))
+    before = [a.clone() for a in accs]
+    kernels.accumulate_(list(accs), list(grads), 0.5)      # the torch path looks up the accumulators
+    assert keys == [], "a recalled list needs no Python identity key"
+    assert all(torch.equal(a, b + 0.5 * g) for a, b, g in zip(accs, before, grads))
+
+
+def test_with_the_extension_nothing_stale_is_recalled(binding_loaded):
+    gen = torch.Generator().manual_seed(6)
+    ts = [torch.randn(n, generator=gen) for n in (3, 50, 7)]
+    for _ in range(2):
+        group.facts_of(ts)
+    facts = group.recall(ts)
+    assert facts is not None
+    assert group.recall([ts[0], torch.randn(50), ts[2]]) is None   # same ends, another middle
+    old = ts[1]
+    ts[1].data = torch.randn(50)                       # same object, new memory: FSDP-style
+    assert group.recall(ts) is None
+    again = group.facts_of(ts)                         # the key path sees it too, and drops the entry
+    assert again is not facts and group.cached(group.key_of(ts), ts) is None
+    group.facts_of(ts)                                 # kept again (second sighting since the drop)
+    assert group.recall(ts) is not None
+    del ts[1], old
+    gc.collect()                                       # a freed tensor: the entry goes
+    assert not group._entries and not group._by_ends
+    kernels.forget()
+    assert group.recall([torch.randn(2)]) is None
+
+
+@pytest.mark.interpreter
+def test_with_the_extension_the_triton_path_gives_the_same_sums(binding_loaded):
+    gen = torch.Generator().manual_seed(7)
+    accs = views([5, 17, 300, 1], gen)
+    grads = [torch.randn(a.shape, generator=gen).bfloat16() for a in accs]
+    want = [a.double() for a in accs]
+    for _ in range(4):
+        kernels.accumulate_(accs, grads, 0.25, backend="triton")
+        want = [w + 0.25 * g.double() for w, g in zip(want, grads)]
+    assert group.recall(grads) is not None
+    for a, w in zip(accs, want):
+        torch.testing.assert_close(a.double(), w, rtol=1e-6, atol=1e-6)
+    norm, found = kernels.finalize_(accs, 1.0, None, backend="triton")
+    torch.testing.assert_close(norm.double(), torch.cat(want).norm(), rtol=1e-5, atol=0)

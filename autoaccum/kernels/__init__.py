@@ -62,8 +62,11 @@ def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
             _check_weight_range(acc, w, weight)
             reference.accumulate_(accs, grads, w, assign)
             return
-    g_key = group.key_of(grads)
-    grad = group.cached(g_key, grads)              # a cached list holds no None
+    g_key = None
+    grad = group.recall(grads)                     # a cached list holds no None
+    if grad is None:
+        g_key = group.key_of(grads)
+        grad = group.cached(g_key, grads)
     where = None                                   # positions in the caller's lists, for messages
     if grad is None and group.NONE_ID in g_key:
         where = [i for i, k in enumerate(g_key) if k != group.NONE_ID]
@@ -108,10 +111,13 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
     if grads and _plain(grads, backend):           # the torch path needs no launch facts, cached or not
         _check_once(group.key_of(grads))
         return _finalize_torch(grads, inv_scale, max_norm, apply)
-    key = group.key_of(grads)
-    facts = group.cached(key, grads)               # a cached list holds no None
+    key = None
+    facts = group.recall(grads)                    # a cached list holds no None
+    if facts is None:
+        key = group.key_of(grads)
+        facts = group.cached(key, grads)
     if facts is None or "distinct" not in facts.cache:   # (accumulate_'s gradients may repeat a tensor)
-        _check_once(key)
+        _check_once(key if key is not None else group.key_of(grads))
         if facts is not None:
             facts.cache["distinct"] = True
     where = None

@@ -56,6 +56,11 @@ def load(jit: bool | None = None):
     return _module
 
 
+def loaded():
+    """The module if it is already loaded, else None; never tries to load it (cheap per call)."""
+    return _module
+
+
 def available() -> bool:
     return load() is not None
 

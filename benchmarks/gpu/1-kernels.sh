@@ -3,9 +3,9 @@
 # always yields numbers.
 source "$(dirname "$0")/common.sh"
 if [ "$DRY_RUN" = 1 ]; then
-  step host 60 $PY benchmarks/bench_host.py --calls 20 --counts 10 1000 --json "$OUT/host.json"
+  step host 90 $PY benchmarks/bench_host.py --calls 20 --counts 10 1000 --json "$OUT/host.json"
   step kernels 120 $PY benchmarks/bench_kernels.py --dry-run --json "$OUT/kernels.json"
 else
-  step host 40 $PY benchmarks/bench_host.py --device cuda --json "$OUT/host.json"
+  step host 70 $PY benchmarks/bench_host.py --device cuda --json "$OUT/host.json"
   step kernels 500 $PY benchmarks/bench_kernels.py --json "$OUT/kernels.json"
 fi
