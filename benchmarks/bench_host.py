@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import platform
 import statistics
@@ -70,19 +71,32 @@ class _NoExtension:
         _NoExtension.calls += 1
 
 
+HOST_SOURCES = (ROOT / "csrc" / "bindings.cpp", ROOT / "tests" / "csrc" / "no_launch.cpp")
+STALE_LOCK_S = 300   # torch's build lock left by a killed build: every later build would wait forever
+
+
 def host_binding(build_dir: Path | None = None):
-    """The CUDA extension if it is built (a GPU machine), else ``csrc/bindings.cpp`` built for this
-    machine's CPU with no-op launchers; or the reason it could not be (no compiler, no ninja, a
-    build error)."""
-    built = kernels.cuda_ext.load()
+    """The CUDA extension if it is already built (a GPU machine; never JIT-built from here), else
+    ``csrc/bindings.cpp`` built for this machine's CPU with no-op launchers; or the reason it could
+    not be (no compiler, no ninja, a build error). The build folder and module name carry a hash of
+    the sources, torch and Python, so checkouts and versions never share a half-built module."""
+    built = kernels.cuda_ext.load(jit=False)
     if built is not None and hasattr(built, "same_tensors"):
         return built
     try:
         from torch.utils.cpp_extension import load
-        build_dir = build_dir or Path.home() / ".cache" / "autoaccum" / "host_binding"
+        digest = hashlib.sha256()
+        for part in [*(p.read_bytes() for p in HOST_SOURCES), (ROOT / "csrc" / "launchers.h").read_bytes(),
+                     torch.__version__.encode(), sys.version.encode()]:
+            digest.update(part)
+        tag = digest.hexdigest()[:12]
+        build_dir = build_dir or Path.home() / ".cache" / "autoaccum" / f"host_binding_{tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
-        return load(name="autoaccum_host_binding", build_directory=str(build_dir), extra_include_paths=[str(ROOT / "csrc")],
-                    sources=[str(ROOT / "csrc" / "bindings.cpp"), str(ROOT / "tests" / "csrc" / "no_launch.cpp")],
+        lock = build_dir / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+        return load(name=f"autoaccum_host_binding_{tag}", build_directory=str(build_dir),
+                    extra_include_paths=[str(ROOT / "csrc")], sources=[str(p) for p in HOST_SOURCES],
                     extra_cflags=["-O2"], verbose=False)
     except Exception as e:  # noqa: BLE001 - any failure means: measure without it, and say so
         return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"

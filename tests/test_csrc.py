@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from autoaccum.kernels import group
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 NVCC = shutil.which("nvcc")
@@ -61,21 +63,37 @@ def _ident(tensors):
 
 
 def test_same_tensors_sees_identity_order_and_memory(host_binding):
-    """The binding's cache check: true only for the very same tensors, in order, at their addresses."""
-    same = host_binding.same_tensors
+    """The binding's cache check: SAME only for the very same tensors, in order, at their addresses;
+    MOVED for the same tensors with memory moved under them (the entry must go)."""
+    same, SAME, OTHER, MOVED = (host_binding.same_tensors, host_binding.SAME, host_binding.OTHER,
+                                host_binding.MOVED)
+    assert (SAME, OTHER, MOVED) == (group.SAME, group.OTHER, group.MOVED)
     flat = torch.randn(40)
     ts = [flat[:10], flat[10:], torch.randn(3, 4).t(), torch.empty(0)]
     ids, ptrs = _ident(ts)
-    assert same(ts, ids, ptrs) and same(tuple(ts), ids, ptrs)
-    assert not same(ts[::-1], ids, ptrs)                      # order
-    assert not same(ts[:3], ids, ptrs)                        # length
-    assert not same([flat[:10]] + ts[1:], ids, ptrs)          # an equal view, another object
-    assert not same(ts[:3] + [None], ids, ptrs)
-    assert not same(iter(ts), ids, ptrs)                      # neither list nor tuple: never vouched for
-    ts[2].data = torch.randn(4, 3)                            # same object, new memory
-    assert not same(ts, ids, ptrs)
-    assert same(ts, *_ident(ts))
+    assert same(ts, ids, ptrs) == SAME and same(tuple(ts), ids, ptrs) == SAME
+    assert same(ts[::-1], ids, ptrs) == OTHER                 # order
+    assert same(ts[:3], ids, ptrs) == OTHER                   # length
+    assert same([flat[:10]] + ts[1:], ids, ptrs) == OTHER     # an equal view, another object
+    assert same(ts[:3] + [None], ids, ptrs) == OTHER
+    assert same(iter(ts), ids, ptrs) == OTHER                 # neither list nor tuple: never vouched for
+    assert same(type("L", (list,), {})(ts), ids, ptrs) == OTHER   # a subclass may show other items
+    ts[1].data = torch.randn(30)                              # same object, new memory (a later view)
+    assert same(ts, ids, ptrs) == MOVED
+    assert same(ts, *_ident(ts)) == SAME
     with pytest.raises(RuntimeError, match="ids and ptrs must be 1-D contiguous int64 CPU tensors"):
         same(ts, ids.int(), ptrs)
     with pytest.raises(RuntimeError, match="of one length"):
         same(ts, ids, ptrs[:2])
+
+
+def test_same_tensors_makes_a_copy_on_write_tensor_take_its_own_memory(host_binding):
+    """The kernels write what it vouches for: a lazily cloned tensor's shared memory must not be it."""
+    lazy_clone = getattr(torch, "_lazy_clone", None)
+    if lazy_clone is None:
+        pytest.skip("this torch has no copy-on-write clones")
+    x = torch.randn(64)
+    ids, ptrs = _ident([x])
+    y = lazy_clone(x)
+    assert host_binding.same_tensors([x], ids, ptrs) == host_binding.MOVED
+    assert x.data_ptr() != y.data_ptr()

@@ -171,6 +171,12 @@ def test_with_the_extension_a_repeated_list_is_recalled_in_one_check(binding_loa
     assert all(torch.equal(a, b + 0.5 * g) for a, b, g in zip(accs, before, grads))
 
 
+def _in_sync():
+    """Every hint the fast path may follow points at a live cache entry."""
+    live = [f for f in group._by_ends.values() if f._ident is not None]
+    return all(any(f is e for e in group._entries.values()) for f in live)
+
+
 def test_with_the_extension_nothing_stale_is_recalled(binding_loaded):
     gen = torch.Generator().manual_seed(6)
     ts = [torch.randn(n, generator=gen) for n in (3, 50, 7)]
@@ -181,9 +187,9 @@ def test_with_the_extension_nothing_stale_is_recalled(binding_loaded):
     assert group.recall([ts[0], torch.randn(50), ts[2]]) is None   # same ends, another middle
     old = ts[1]
     ts[1].data = torch.randn(50)                       # same object, new memory: FSDP-style
-    assert group.recall(ts) is None
-    again = group.facts_of(ts)                         # the key path sees it too, and drops the entry
-    assert again is not facts and group.cached(group.key_of(ts), ts) is None
+    assert group.recall(ts) is None and not group._entries, "moved memory drops the entry"
+    again = group.facts_of(ts)
+    assert again is not facts and again.ptrs[1] == ts[1].data_ptr()
     group.facts_of(ts)                                 # kept again (second sighting since the drop)
     assert group.recall(ts) is not None
     del ts[1], old
@@ -191,6 +197,62 @@ def test_with_the_extension_nothing_stale_is_recalled(binding_loaded):
     assert not group._entries and not group._by_ends
     kernels.forget()
     assert group.recall([torch.randn(2)]) is None
+
+
+def test_with_the_extension_a_later_view_of_a_shared_storage_moved_is_noticed(binding_loaded):
+    """The Python check reads one address per storage; with the extension every address counts,
+    on the key path too: a stale address here would be written through by the kernels."""
+    flat = torch.randn(100)
+    ts = [flat[:10], flat[10:60], flat[60:]]
+    for _ in range(3):
+        group.facts_of(ts)
+    ts[1].data = torch.randn(50)
+    key = group.key_of(ts)
+    assert group.cached(key, ts) is None               # the key path asks the C++ check too
+    fresh = group.facts_of(ts)
+    assert fresh.ptrs.tolist() == [t.data_ptr() for t in ts]
+
+
+def test_with_the_extension_another_tensor_at_the_same_address_is_not_taken(binding_loaded):
+    flat = torch.randn(64)
+    ts = [torch.randn(3), flat[:64], torch.randn(5)]
+    for _ in range(3):
+        group.facts_of(ts)
+    other = [ts[0], flat.as_strided((2, 4), (4, 1)), ts[2]]    # same data address, another shape
+    assert group.recall(other) is None
+    assert group.facts_of(other).shapes[1] == (2, 4)
+
+
+def test_with_the_extension_evicted_and_dropped_entries_leave_no_hint(binding_loaded, monkeypatch):
+    monkeypatch.setattr(group, "MAX_ENTRIES", 1)
+    buf = torch.randn(256)
+    a = [torch.randn(2), buf[:64], torch.randn(3)]
+    b = [torch.randn(4), torch.randn(5)]
+    for _ in range(2):
+        group.facts_of(a)
+    for _ in range(2):
+        group.facts_of(b)                              # evicts a's entry (first in, first out)
+    assert group.cached(group.key_of(a), a) is None and _in_sync()
+    for _ in range(2):
+        group.facts_of(a)                              # a is back, b evicted
+    first = a[0]
+    a[0] = torch.randn(2)                              # the old first tensor dies: the entry goes
+    del first
+    gc.collect()
+    assert _in_sync() and group.recall(a) is None
+    for _ in range(2):
+        group.facts_of(b)
+    b[1].data = torch.randn(5)                         # memory moved: the key path drops the entry
+    assert group.cached(group.key_of(b), b) is None and not group._entries and _in_sync()
+
+
+def test_with_the_extension_the_cache_works_under_another_default_device(binding_loaded):
+    """Cache bookkeeping lives on the CPU whatever torch.set_default_device says."""
+    ts = [torch.randn(3), torch.randn(4)]
+    with torch.device("meta"):
+        for _ in range(4):
+            group.facts_of(ts)
+        assert group.recall(ts) is not None
 
 
 @pytest.mark.interpreter

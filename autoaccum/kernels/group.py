@@ -13,12 +13,13 @@ entry lives. It holds no tensor itself (nothing is kept alive). What identity ca
 live tensor given new memory: FSDP-style ``untyped_storage().resize_()``, ``set_()``, ``.data =``.
 On every hit one tensor per storage (the first of each) is checked against the address it had,
 which catches storage reallocation at the cost of one ``data_ptr()`` per storage (one for a
-gradient buffer's views). When the CUDA extension is loaded, :func:`recall` does the identity
-and address check of every tensor in one C++ pass (``same_tensors`` in ``csrc/bindings.cpp``):
-at 1,000 tensors that replaces about 60 µs of Python with about 2 µs. Not noticed: a tensor whose shape or strides change in place while
-its storage stays (``t_()``, ``unsqueeze_()``, a shrinking ``resize_()``, ``set_()`` into the same
-storage); autoaccum never does that to the tensors it passes, and :func:`forget` drops every
-entry for code that does.
+gradient buffer's views). Where the CUDA extension is loaded, the identity and the address of
+every tensor are checked in one C++ pass instead (``same_tensors`` in ``csrc/bindings.cpp``; at
+1,000 tensors about 60 µs of Python become about 2 µs). Not noticed: a tensor whose shape or
+strides change in place while its storage stays (``t_()``, ``unsqueeze_()``, a shrinking
+``resize_()``, ``set_()`` into the same storage), and, without the extension, a view other than
+the first of a shared storage re-pointed elsewhere (``.data =``, ``set_()``). autoaccum never
+does either to the tensors it passes, and :func:`forget` drops every entry for code that does.
 
 An entry is made on the second sighting of a list, so fresh lists (new gradients every
 micro-batch) cost one identity hash and one weak reference. A sighting counts only while its
@@ -48,6 +49,7 @@ NONE_ID = id(None)
 _entries: OrderedDict[tuple[int, ...], "Facts"] = OrderedDict()
 _seen: OrderedDict[tuple[int, ...], weakref.ref] = OrderedDict()   # key -> its first tensor
 _by_ends: dict[tuple[int, int, int], "Facts"] = {}   # (length, id of first, id of last) -> a cached entry
+SAME, OTHER, MOVED = 0, 1, 2                          # what same_tensors finds (csrc/bindings.cpp Sameness)
 
 
 class Facts:
@@ -60,7 +62,7 @@ class Facts:
     """
 
     __slots__ = ("n", "dtypes", "dtype_set", "shapes", "devices", "device", "orders", "contiguous", "numels", "ptrs",
-                 "_anchors", "_at", "_overlap", "cache", "_refs", "_ident", "__weakref__")
+                 "_anchors", "_at", "_overlap", "cache", "_refs", "_ident", "_key", "__weakref__")
 
     def __init__(self, tensors: list[torch.Tensor]):
         self.n = len(tensors)
@@ -84,6 +86,7 @@ class Facts:
         self.cache: dict = {}
         self._refs: list = []
         self._ident: tuple[torch.Tensor, torch.Tensor] | None = None   # (ids, data_ptrs) while cached
+        self._key: tuple[int, ...] = ()
 
     @property
     def cached(self) -> bool:
@@ -137,20 +140,38 @@ def recall(tensors) -> Facts | None:
     if same is None or not tensors:
         return None
     hit = _by_ends.get((len(tensors), id(tensors[0]), id(tensors[-1])))
-    if hit is not None and hit._ident is not None and same(tensors, *hit._ident):
+    if hit is None or hit._ident is None:
+        return None
+    found = same(tensors, *hit._ident)
+    if found == SAME:
         return hit
+    if found == MOVED:                  # the very tensors, but memory moved under them: stale
+        _drop(hit._key)
     return None
 
 
 def cached(key: tuple[int, ...], tensors: list) -> Facts | None:
     """The cached facts of ``tensors`` (``key`` their :func:`key_of`) if their memory is where it was."""
     hit = _entries.get(key)
-    if hit is not None and not hit.intact(tensors):
+    if hit is None:
+        return None
+    if not _in_place(hit, tensors):
         _drop(key)
-        hit = None
-    if hit is not None and hit._ident is not None:   # recall() finds it next time
+        return None
+    if hit._ident is not None:   # recall() finds it next time
         _by_ends[(len(tensors), key[0], key[-1])] = hit
     return hit
+
+
+def _in_place(hit: Facts, tensors: list) -> bool:
+    """Every tensor's data is where it was: the C++ check (every address) where the extension is
+    loaded, else one address per storage (``Facts.intact``)."""
+    same = _same_tensors()
+    if same is not None and hit._ident is not None:
+        found = same(tensors, *hit._ident)
+        if found != OTHER:              # OTHER: a list subclass, which the C++ check does not read
+            return found == SAME
+    return hit.intact(tensors)
 
 
 def facts_of(tensors: list[torch.Tensor], key: tuple[int, ...] | None = None, check=None) -> Facts:
@@ -215,8 +236,9 @@ def _remember(key: tuple[int, ...], facts: Facts, tensors: list[torch.Tensor]) -
         return
     facts._anchors = _anchors(tensors, facts.numels)
     facts._at = np.array([p for _, p in facts._anchors], dtype=np.int64)
-    facts._ident = (torch.tensor(key, dtype=torch.int64),
+    facts._ident = (torch.from_numpy(np.array(key, dtype=np.int64)),   # CPU whatever the default device
                     torch.from_numpy(np.fromiter(map(torch.Tensor.data_ptr, tensors), np.int64, facts.n)))
+    facts._key = key
     _entries[key] = facts
     _by_ends[(facts.n, key[0], key[-1])] = facts
     _seen.pop(key, None)
