@@ -8,11 +8,13 @@ repeats (as the gradient buffer's views do, step after step).
 The launches are replaced by no-ops (Triton's kernels by a stub that takes the launch arguments;
 the CUDA extension by a stub module with its functions), so this measures autoaccum's own work:
 checking the lists, finding the cached facts and launch tables, building per-call address
-arrays. The ``cuda`` rows use the extension's real cache check (``same_tensors``): the built
-extension where there is one, else the binding ``csrc/bindings.cpp`` compiled for the host with
-no-op launchers (``tests/csrc/no_launch.cpp``; about 20 s with g++ and ninja, cached after);
-``--no-binding`` or a failed build leaves the Python check, and the JSON says which ran. On the CPU the address tables live in CPU memory; on a GPU (``--device cuda``) they are
-uploaded as in real use. Cases:
+arrays. The ``cuda`` rows use the extension's real C++ checks (``same_tensors``;
+``accumulate_lists``, which checks the pairs and calls the launchers): the binding
+``csrc/bindings.cpp`` compiled for the host with no-op launchers (``tests/csrc/host_launchers.cpp``;
+about 20 s with g++ and ninja, cached after), or on a GPU the built extension, whose
+``accumulate_lists`` then launches for real. ``--no-binding`` or a failed build leaves the Python
+checks, and the JSON says which ran. On the CPU the address tables live in CPU memory; on a GPU
+(``--device cuda``) they are uploaded as in real use. Cases:
 
 * ``accumulate repeated``: the same accumulator views and the same gradient tensors every call;
 * ``accumulate fresh grads``: the same views, new gradient tensors every call (the trainer's
@@ -61,33 +63,42 @@ class _NoLaunch:
 
 
 class _NoExtension:
-    """Stands in for the CUDA extension module: same functions, no launches."""
+    """Stands in for the CUDA extension module: same functions, no launches. ``accumulate_lists``
+    (which checks the pairs in C++) runs the host-built binding's, whose launchers are no-ops; on a
+    GPU, where the binding is the built extension, it launches for real."""
     calls = 0
+    binding = None
 
     def accumulate(self, acc_ptrs, grad_ptrs, numels, grad_dtype, weight, assign, stream):
         _NoExtension.calls += 1
+
+    def accumulate_lists(self, accs, grads, weight, assign, stream):
+        _NoExtension.calls += 1
+        return self.binding.accumulate_lists(accs, grads, weight, assign, stream)
 
     def finalize(self, ptrs, numels, codes, inv_scale, max_norm, apply, result, stream):
         _NoExtension.calls += 1
 
 
-HOST_SOURCES = (ROOT / "csrc" / "bindings.cpp", ROOT / "tests" / "csrc" / "no_launch.cpp")
+HOST_SOURCES = (ROOT / "csrc" / "bindings.cpp", ROOT / "tests" / "csrc" / "host_launchers.cpp")
 STALE_LOCK_S = 300   # torch's build lock left by a killed build: every later build would wait forever
 
 
-def host_binding(build_dir: Path | None = None):
-    """The CUDA extension if it is already built (a GPU machine; never JIT-built from here), else
-    ``csrc/bindings.cpp`` built for this machine's CPU with no-op launchers; or the reason it could
+def host_binding(build_dir: Path | None = None, compute: bool = False):
+    """The CUDA extension if it is already built (a GPU machine; never JIT-built from here; not for
+    ``compute``), else
+    ``csrc/bindings.cpp`` built for this machine's CPU with no-op launchers (``compute``: with an
+    accumulate launcher that does the work on host memory, for the tests); or the reason it could
     not be (no compiler, no ninja, a build error). The build folder and module name carry a hash of
     the sources, torch and Python, so checkouts and versions never share a half-built module."""
-    built = kernels.cuda_ext.load(jit=False)
+    built = None if compute else kernels.cuda_ext.load(jit=False)
     if built is not None and hasattr(built, "same_tensors"):
         return built
     try:
         from torch.utils.cpp_extension import load
         digest = hashlib.sha256()
         for part in [*(p.read_bytes() for p in HOST_SOURCES), (ROOT / "csrc" / "launchers.h").read_bytes(),
-                     torch.__version__.encode(), sys.version.encode()]:
+                     torch.__version__.encode(), sys.version.encode(), str(compute).encode()]:
             digest.update(part)
         tag = digest.hexdigest()[:12]
         build_dir = build_dir or Path.home() / ".cache" / "autoaccum" / f"host_binding_{tag}"
@@ -97,7 +108,7 @@ def host_binding(build_dir: Path | None = None):
             lock.unlink(missing_ok=True)
         return load(name=f"autoaccum_host_binding_{tag}", build_directory=str(build_dir),
                     extra_include_paths=[str(ROOT / "csrc")], sources=[str(p) for p in HOST_SOURCES],
-                    extra_cflags=["-O2"], verbose=False)
+                    extra_cflags=["-O2", *(["-DAUTOACCUM_HOST_ACCUMULATE"] if compute else [])], verbose=False)
     except Exception as e:  # noqa: BLE001 - any failure means: measure without it, and say so
         return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
 
@@ -138,6 +149,7 @@ def measure(count: int, backend: str, device: str, calls: int, binding=None) -> 
     """``binding``: the host-built extension whose ``same_tensors`` the cache uses (``cuda`` rows)."""
     kernels.forget()
     kernels.cuda_ext._module = binding if backend == "cuda" else None
+    _NoExtension.binding = binding
     views = buffer_views(count, device)
     grads = [torch.randn(v.shape, device=device).bfloat16() for v in views]
     rows = []

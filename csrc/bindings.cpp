@@ -74,6 +74,57 @@ void accumulate(const at::Tensor& acc_ptrs, const at::Tensor& grad_ptrs, const a
                                reinterpret_cast<void*>(stream));
 }
 
+// accumulate() for gradients Python has not looked at (autograd makes new ones every micro-batch): each
+// pair is checked here, grouped by gradient dtype and launched, with no per-tensor work in Python.
+// Python calls it only with accumulators it has checked (float32, contiguous, apart, on the current CUDA
+// device) and a weight float32 can hold. Returns -1 when launched; else the first position this path does
+// not take (not a tensor, e.g. None; another dtype, shape or device; not contiguous; no storage), with
+// nothing launched: Python's checks then take the call, naming the culprit or handling the case.
+int64_t accumulate_lists(py::handle accs, py::handle grads, double weight, bool assign, int64_t stream) {
+  PyObject* a_seq = accs.ptr();
+  PyObject* g_seq = grads.ptr();
+  const auto exact = [](PyObject* o) { return PyList_CheckExact(o) || PyTuple_CheckExact(o); };
+  if (!exact(a_seq) || !exact(g_seq)) return 0;  // a subclass may show Python other items than these
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(a_seq);
+  if (PySequence_Fast_GET_SIZE(g_seq) != n) return 0;
+  PyObject** a_items = PySequence_Fast_ITEMS(a_seq);
+  PyObject** g_items = PySequence_Fast_ITEMS(g_seq);
+  std::vector<void*> acc_ptrs[3], grad_ptrs[3];
+  std::vector<int64_t> numels[3];
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_Check(a_items[i]) || !THPVariable_Check(g_items[i])) return i;
+    const at::Tensor& a = THPVariable_Unpack(a_items[i]);
+    const at::Tensor& g = THPVariable_Unpack(g_items[i]);
+    int code;
+    switch (g.scalar_type()) {
+      case at::kFloat: code = autoaccum::kFloat32; break;
+      case at::kHalf: code = autoaccum::kFloat16; break;
+      case at::kBFloat16: code = autoaccum::kBFloat16; break;
+      default: return i;
+    }
+    if (g.layout() != at::kStrided || !g.has_storage() || g.device() != a.device() || g.sizes() != a.sizes() ||
+        !g.is_contiguous() || a.scalar_type() != at::kFloat || !a.is_contiguous())
+      return i;
+    const int64_t numel = g.numel();
+    if (numel == 0) continue;
+    if (numels[code].empty()) {  // usually one dtype for the whole list: grow once
+      acc_ptrs[code].reserve(n - i);
+      grad_ptrs[code].reserve(n - i);
+      numels[code].reserve(n - i);
+    }
+    acc_ptrs[code].push_back(a.mutable_data_ptr());
+    grad_ptrs[code].push_back(const_cast<void*>(g.const_data_ptr()));
+    numels[code].push_back(numel);
+  }
+  for (int code = 0; code < 3; ++code) {
+    if (!numels[code].empty()) {
+      autoaccum::launch_accumulate(code, acc_ptrs[code], grad_ptrs[code], numels[code], static_cast<float>(weight),
+                                   assign, reinterpret_cast<void*>(stream));
+    }
+  }
+  return -1;
+}
+
 void finalize(const std::vector<at::Tensor>& ptrs, const std::vector<at::Tensor>& numels,
               const std::vector<int64_t>& codes, const at::Tensor& inv_scale, double max_norm, bool apply,
               at::Tensor& result, int64_t stream) {
@@ -123,6 +174,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("finalize", &finalize, "norm + inf check, then scale in place; writes {norm, found_inf, scale}",
         py::arg("ptrs"), py::arg("numels"), py::arg("codes"), py::arg("inv_scale"), py::arg("max_norm"),
         py::arg("apply"), py::arg("result"), py::arg("stream"));
+  m.def("accumulate_lists", &accumulate_lists,
+        "accumulate() over tensor lists, checking each pair here; -1 when launched, else the first pair not taken",
+        py::arg("accs"), py::arg("grads"), py::arg("weight"), py::arg("assign"), py::arg("stream"));
   m.def("same_tensors", &same_tensors,
         "SAME: tensors are the objects at ids, each with its data at ptrs; OTHER: other objects; MOVED: data moved",
         py::arg("tensors"), py::arg("ids"), py::arg("ptrs"));

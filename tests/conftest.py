@@ -42,14 +42,14 @@ def _private_probe_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def host_binding():
-    """csrc/bindings.cpp built for the CPU with no-op launchers (benchmarks/bench_host.py builds the
-    same one; ~20 s once per machine): the binding's host-side code, tested without a GPU."""
+    """csrc/bindings.cpp built for the CPU (~20 s once per machine), its accumulate launcher doing the
+    work on host memory (tests/csrc/host_launchers.cpp): the binding's code, tested without a GPU."""
     import shutil
 
     from bench_host import host_binding as build
     if (shutil.which("c++") or shutil.which("g++")) is None or shutil.which("ninja") is None:
         pytest.skip("building the binding for the host needs a C++ compiler and ninja")
-    module = build()
+    module = build(compute=True)
     if isinstance(module, str):
         pytest.fail(f"csrc/bindings.cpp did not build for the host: {module}")
     return module

@@ -58,7 +58,7 @@ def test_the_extension_stub_takes_the_bindings_arguments():
     finally:
         sys.path.pop(0)
     source = (ROOT / "csrc" / "bindings.cpp").read_text()
-    for name in ("accumulate", "finalize"):
+    for name in ("accumulate", "finalize", "accumulate_lists"):
         decl = re.search(rf'm\.def\("{name}",(.*?)\);', source, re.S).group(1)
         declared = re.findall(r'py::arg\("(\w+)"\)', decl)
         stub = list(inspect.signature(getattr(_NoExtension, name)).parameters)[1:]

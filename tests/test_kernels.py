@@ -3,6 +3,7 @@
 Random inputs (never zeros), every gradient dtype, odd sizes, many tensors, None gradients,
 non-contiguous gradients, inf/nan, huge and tiny values, chunking independence, poisoned outputs.
 """
+import contextlib
 import math
 
 import pytest
@@ -13,6 +14,8 @@ from autoaccum.kernels import accumulate as tri_acc
 from autoaccum.kernels import finalize as tri_fin
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+# accumulate_ also through the CUDA extension's binding, built for the host (tests/csrc/host_launchers.cpp):
+ACC_BACKENDS = BACKENDS + ["binding"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 TOL = {torch.bfloat16: 1e-6, torch.float16: 1e-6, torch.float32: 1e-6}   # fp32 arithmetic on exact inputs
 
@@ -25,11 +28,26 @@ def sizes_many(gen, count=300):
     return [int(s) for s in torch.randint(1, 5000, (count,), generator=gen)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.fixture
+def via(request, monkeypatch):
+    """``via(backend)``: the backend= to pass. "binding" runs the extension's dispatch on CPU tensors: its
+    module is the host-built binding, whose accumulate launcher works on host memory."""
+    def choose(backend):
+        if backend != "binding":
+            return backend
+        binding = request.getfixturevalue("host_binding")
+        monkeypatch.setattr(kernels.cuda_ext, "_module", binding)
+        monkeypatch.setattr(kernels, "_cuda", lambda device: contextlib.nullcontext((binding, 0)))
+        return "cuda"
+    return choose
+
+
+@pytest.mark.parametrize("backend", ACC_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("assign", [True, False])
 @pytest.mark.parametrize("sizes", [[1], [127], [(1 << 20) + 3], "many"], ids=["1", "127", "2^20+3", "many"])
-def test_accumulate_matches_float64(backend, dtype, assign, sizes):
+def test_accumulate_matches_float64(backend, dtype, assign, sizes, via):
+    backend = via(backend)
     gen = torch.Generator().manual_seed(hash((str(dtype), assign, str(sizes))) % 1000)
     sizes = sizes_many(gen) if sizes == "many" else sizes
     grads = [randn(n, dtype, gen) for n in sizes]
@@ -48,8 +66,9 @@ def test_accumulate_matches_float64(backend, dtype, assign, sizes):
         assert err <= TOL[dtype] * (expected.abs().max().item() + 1), err
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_accumulate_skips_none_and_handles_non_contiguous(backend):
+@pytest.mark.parametrize("backend", ACC_BACKENDS)
+def test_accumulate_skips_none_and_handles_non_contiguous(backend, via):
+    backend = via(backend)
     gen = torch.Generator().manual_seed(3)
     grads = [randn(12 * 7, torch.bfloat16, gen).view(12, 7).t(), None, randn(33, torch.float16, gen)]
     accs = [torch.randn(7, 12, generator=gen), torch.randn(5, generator=gen), torch.randn(33, generator=gen)]
@@ -219,6 +238,48 @@ def test_bad_input_is_rejected_before_anything_is_written(call, exc, match):
     with pytest.raises(exc, match=match):
         call(accs, grads)
     assert all(torch.equal(x, y) for x, y in zip(accs + grads, before))
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (lambda g: [g[0], g[1][:7]], ValueError, r"accs\[1\] has shape \(20,\) but grads\[1\] has \(7,\)"),
+    (lambda g: [g[0].long(), g[1]], TypeError, r"grads\[0\] is torch.int64"),
+    (lambda g: [g[0], g[1].double()], TypeError, "would round it"),
+    (lambda g: [g[0], g[1].to("meta")], ValueError, r"accs\[1\] is on cpu but grads\[1\] is on meta"),
+    (lambda g: [g[0], g[1].to_sparse()], TypeError, r"grads\[1\] is a torch.sparse_coo"),
+    (lambda g: [g[0], "x"], TypeError, r"accs\[1\] and grads\[1\] must be tensors"),
+])
+def test_the_binding_leaves_gradients_it_does_not_take_to_the_named_checks(bad, exc, match, via):
+    """accumulate_lists checks every pair before it launches anything: a bad pair after good ones
+    writes nothing, and Python's checks name it."""
+    backend = via("binding")
+    accs = [torch.randn(10), torch.randn(20)]
+    for _ in range(3):
+        kernels.accumulate_(accs, [torch.randn(10), torch.randn(20)], 1.0, backend=backend)   # accs cached
+    before = [a.clone() for a in accs]
+    with pytest.raises(exc, match=match):
+        kernels.accumulate_(accs, bad([torch.randn(10), torch.randn(20)]), 1.0, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(accs, before))
+
+
+def test_the_binding_takes_fresh_gradients_without_python_facts(via, monkeypatch):
+    """Autograd's new gradients every micro-batch: one C++ call, no per-tensor work in Python."""
+    from autoaccum.kernels import group
+    backend = via("binding")
+    gen = torch.Generator().manual_seed(11)
+    flat = torch.zeros(300)
+    accs = list(torch.split(flat, [7, 93, 200]))
+    kernels.accumulate_(accs, [randn(a.numel(), torch.bfloat16, gen) for a in accs], 1.0, backend=backend)
+    built, calls = [], []
+    real_facts, real_lists = group.Facts.__init__, kernels.cuda_ext._module.accumulate_lists
+    monkeypatch.setattr(group.Facts, "__init__", lambda self, ts: built.append(len(ts)) or real_facts(self, ts))
+    monkeypatch.setattr(kernels.cuda_ext._module, "accumulate_lists", lambda *a: calls.append(1) or real_lists(*a))
+    want = flat.double().clone()
+    for step in range(4):
+        grads = [randn(a.numel(), dtype, gen) for a, dtype in zip(accs, DTYPES)]   # bf16, fp16, fp32 at once
+        kernels.accumulate_(list(accs), grads, 0.25, backend=backend)
+        want += 0.25 * torch.cat([g.double() for g in grads])
+    assert calls == [1] * 4 and built == [3], "only the accumulators' facts (second sighting), none for gradients"
+    torch.testing.assert_close(flat.double(), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.interpreter

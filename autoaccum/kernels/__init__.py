@@ -64,16 +64,20 @@ def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
             return
     g_key = None
     grad = group.recall(grads)                     # a cached list holds no None
+    if grad is None and accs and _native_ok(backend):   # fresh gradients: the extension checks them itself
+        acc = group.facts_of(accs, check=lambda ts: _check_tensors(ts, "accs", None, grads))
+        if _accumulate_native(acc, accs, grads, w, weight, assign, backend):
+            return
     if grad is None:
         g_key = group.key_of(grads)
         grad = group.cached(g_key, grads)
     where = None                                   # positions in the caller's lists, for messages
     if grad is None and group.NONE_ID in g_key:
         where = [i for i, k in enumerate(g_key) if k != group.NONE_ID]
-        accs, grads, g_key = [accs[i] for i in where], [grads[i] for i in where], None
+        accs, grads, g_key, acc = [accs[i] for i in where], [grads[i] for i in where], None, None
     if not accs:
         return
-    if acc is None:                                # (made above when the gradients were plain: no None)
+    if acc is None:                                # (made above for the whole list: kept unless None was dropped)
         acc = group.facts_of(accs, check=lambda ts: _check_tensors(ts, "accs", where, grads))
     if grad is None:
         grad = group.facts_of(grads, g_key, check=lambda ts: _check_tensors(ts, "grads", where, accs))
@@ -178,6 +182,26 @@ def _plain(grads: Sequence[torch.Tensor], backend: str | None) -> frozenset | No
             and set(map(group.LAYOUT, grads)) == _STRIDED):   # sparse, mkldnn: the long way rejects them
         return dtypes
     return None
+
+
+def _native_ok(backend: str | None) -> bool:
+    """The extension is loaded, has ``accumulate_lists``, and no other backend is asked for."""
+    return (hasattr(cuda_ext.loaded(), "accumulate_lists")
+            and (backend or os.environ.get("AUTOACCUM_BACKEND") or "cuda") == "cuda")
+
+
+def _accumulate_native(acc: group.Facts, accs: list, grads: list, w: float, weight, assign: bool,
+                       backend: str | None) -> bool:
+    """The extension's ``accumulate_lists``: no facts for the gradients, which autograd makes anew
+    every micro-batch (about 0.5 µs per tensor in Python). For accumulators that ``_check_pairs``
+    would pass and the CUDA kernels write as flat memory; False (nothing written) sends the call the
+    long way, whose checks name the culprit or handle the case (None, a layout to copy)."""
+    if not (acc.device is not None and acc.dtype_set == _F32_SET and acc.contiguous and acc.overlap(accs) is None
+            and _choose(acc.device, backend, True) == "cuda"):
+        return False
+    _check_weight_range(acc, w, weight)
+    with _cuda(acc.device) as (mod, stream):
+        return mod.accumulate_lists(accs, grads, w, bool(assign), stream) < 0
 
 
 def _fit_for_torch(acc: group.Facts, accs: list, grads: list, g_dtypes: frozenset) -> bool:
