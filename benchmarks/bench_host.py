@@ -11,10 +11,9 @@ checking the lists, finding the cached facts and launch tables, building per-cal
 arrays. The ``cuda`` rows use the extension's real C++ checks (``same_tensors``;
 ``accumulate_lists``, which checks the pairs and calls the launchers): the binding
 ``csrc/bindings.cpp`` compiled for the host with no-op launchers (``tests/csrc/host_launchers.cpp``;
-about 20 s with g++ and ninja, cached after), or on a GPU the built extension, whose
-``accumulate_lists`` then launches for real. ``--no-binding`` or a failed build leaves the Python
-checks, and the JSON says which ran. On the CPU the address tables live in CPU memory; on a GPU
-(``--device cuda``) they are uploaded as in real use. Cases:
+about 20 s with g++ and ninja, cached after), on a GPU machine too. ``--no-binding`` or a failed
+build leaves the Python checks, and the JSON says which ran. On the CPU the address tables live
+in CPU memory; on a GPU (``--device cuda``) they are uploaded as in real use. Cases:
 
 * ``accumulate repeated``: the same accumulator views and the same gradient tensors every call;
 * ``accumulate fresh grads``: the same views, new gradient tensors every call (the trainer's
@@ -64,17 +63,16 @@ class _NoLaunch:
 
 class _NoExtension:
     """Stands in for the CUDA extension module: same functions, no launches. ``accumulate_lists``
-    (which checks the pairs in C++) runs the host-built binding's, whose launchers are no-ops; on a
-    GPU, where the binding is the built extension, it launches for real."""
+    (which checks the pairs in C++) runs the host-built binding's, whose launchers are no-ops."""
     calls = 0
     binding = None
 
     def accumulate(self, acc_ptrs, grad_ptrs, numels, grad_dtype, weight, assign, stream):
         _NoExtension.calls += 1
 
-    def accumulate_lists(self, accs, grads, weight, assign, stream):
+    def accumulate_lists(self, accs, grads, acc_numels, weight, assign, stream):
         _NoExtension.calls += 1
-        return self.binding.accumulate_lists(accs, grads, weight, assign, stream)
+        return self.binding.accumulate_lists(accs, grads, acc_numels, weight, assign, stream)
 
     def finalize(self, ptrs, numels, codes, inv_scale, max_norm, apply, result, stream):
         _NoExtension.calls += 1
@@ -85,15 +83,11 @@ STALE_LOCK_S = 300   # torch's build lock left by a killed build: every later bu
 
 
 def host_binding(build_dir: Path | None = None, compute: bool = False):
-    """The CUDA extension if it is already built (a GPU machine; never JIT-built from here; not for
-    ``compute``), else
-    ``csrc/bindings.cpp`` built for this machine's CPU with no-op launchers (``compute``: with an
-    accumulate launcher that does the work on host memory, for the tests); or the reason it could
-    not be (no compiler, no ninja, a build error). The build folder and module name carry a hash of
+    """``csrc/bindings.cpp`` built for this machine's CPU with no-op launchers (``compute``: with an
+    accumulate launcher that does the work on host memory, for the tests), also on a GPU machine,
+    where its checks take CUDA tensors as they come and nothing is launched; or the reason it could
+    not be built (no compiler, no ninja, a build error). The build folder and module name carry a hash of
     the sources, torch and Python, so checkouts and versions never share a half-built module."""
-    built = None if compute else kernels.cuda_ext.load(jit=False)
-    if built is not None and hasattr(built, "same_tensors"):
-        return built
     try:
         from torch.utils.cpp_extension import load
         digest = hashlib.sha256()

@@ -74,27 +74,40 @@ void accumulate(const at::Tensor& acc_ptrs, const at::Tensor& grad_ptrs, const a
                                reinterpret_cast<void*>(stream));
 }
 
+// A tensor the kernels cannot read or write as plain memory: one whose operations run Python (fake,
+// functional and other __torch_dispatch__ tensors: no real data, and Python must not run while the loop
+// below holds the list's item array), a ZeroTensor, or one with the negative bit (a lazy negation).
+bool not_plain_memory(const at::Tensor& t) {
+  return t.key_set().has(c10::DispatchKey::Python) || t._is_zerotensor() || t.is_neg() || t.is_conj();
+}
+
 // accumulate() for gradients Python has not looked at (autograd makes new ones every micro-batch): each
-// pair is checked here, grouped by gradient dtype and launched, with no per-tensor work in Python.
-// Python calls it only with accumulators it has checked (float32, contiguous, apart, on the current CUDA
-// device) and a weight float32 can hold. Returns -1 when launched; else the first position this path does
-// not take (not a tensor, e.g. None; another dtype, shape or device; not contiguous; no storage), with
-// nothing launched: Python's checks then take the call, naming the culprit or handling the case.
-int64_t accumulate_lists(py::handle accs, py::handle grads, double weight, bool assign, int64_t stream) {
+// pair is checked here, grouped by gradient dtype and launched, with no per-tensor work in Python. A None
+// gradient is skipped, as by the Python path. Python calls it only with accumulators it has checked
+// (float32, contiguous, apart, on the current CUDA device; `acc_numels` their element counts then, so an
+// accumulator resized in place since is not written past its old end) and a weight float32 can hold.
+// Returns -1 when launched; else the first position this path does not take (not a tensor; another dtype,
+// shape or device; not contiguous; not plain memory), with nothing launched: Python's checks then take the
+// call, naming the culprit or handling the case (a layout to copy).
+int64_t accumulate_lists(py::handle accs, py::handle grads, const at::Tensor& acc_numels, double weight, bool assign,
+                         int64_t stream) {
   PyObject* a_seq = accs.ptr();
   PyObject* g_seq = grads.ptr();
   const auto exact = [](PyObject* o) { return PyList_CheckExact(o) || PyTuple_CheckExact(o); };
   if (!exact(a_seq) || !exact(g_seq)) return 0;  // a subclass may show Python other items than these
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(a_seq);
-  if (PySequence_Fast_GET_SIZE(g_seq) != n) return 0;
+  const std::vector<int64_t> expected = int64s(acc_numels, "acc_numels");
+  if (PySequence_Fast_GET_SIZE(g_seq) != n || static_cast<Py_ssize_t>(expected.size()) != n) return 0;
   PyObject** a_items = PySequence_Fast_ITEMS(a_seq);
   PyObject** g_items = PySequence_Fast_ITEMS(g_seq);
   std::vector<void*> acc_ptrs[3], grad_ptrs[3];
   std::vector<int64_t> numels[3];
   for (Py_ssize_t i = 0; i < n; ++i) {
+    if (g_items[i] == Py_None) continue;
     if (!THPVariable_Check(a_items[i]) || !THPVariable_Check(g_items[i])) return i;
     const at::Tensor& a = THPVariable_Unpack(a_items[i]);
     const at::Tensor& g = THPVariable_Unpack(g_items[i]);
+    if (not_plain_memory(g) || not_plain_memory(a)) return i;
     int code;
     switch (g.scalar_type()) {
       case at::kFloat: code = autoaccum::kFloat32; break;
@@ -103,17 +116,20 @@ int64_t accumulate_lists(py::handle accs, py::handle grads, double weight, bool 
       default: return i;
     }
     if (g.layout() != at::kStrided || !g.has_storage() || g.device() != a.device() || g.sizes() != a.sizes() ||
-        !g.is_contiguous() || a.scalar_type() != at::kFloat || !a.is_contiguous())
+        !g.is_contiguous() || a.scalar_type() != at::kFloat || !a.is_contiguous() || a.numel() != expected[i])
       return i;
     const int64_t numel = g.numel();
     if (numel == 0) continue;
+    void* acc_ptr = a.mutable_data_ptr();
+    const void* grad_ptr = g.const_data_ptr();
+    if (acc_ptr == nullptr || grad_ptr == nullptr) return i;
     if (numels[code].empty()) {  // usually one dtype for the whole list: grow once
       acc_ptrs[code].reserve(n - i);
       grad_ptrs[code].reserve(n - i);
       numels[code].reserve(n - i);
     }
-    acc_ptrs[code].push_back(a.mutable_data_ptr());
-    grad_ptrs[code].push_back(const_cast<void*>(g.const_data_ptr()));
+    acc_ptrs[code].push_back(acc_ptr);
+    grad_ptrs[code].push_back(const_cast<void*>(grad_ptr));
     numels[code].push_back(numel);
   }
   for (int code = 0; code < 3; ++code) {
@@ -176,7 +192,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("apply"), py::arg("result"), py::arg("stream"));
   m.def("accumulate_lists", &accumulate_lists,
         "accumulate() over tensor lists, checking each pair here; -1 when launched, else the first pair not taken",
-        py::arg("accs"), py::arg("grads"), py::arg("weight"), py::arg("assign"), py::arg("stream"));
+        py::arg("accs"), py::arg("grads"), py::arg("acc_numels"), py::arg("weight"), py::arg("assign"),
+        py::arg("stream"));
   m.def("same_tensors", &same_tensors,
         "SAME: tensors are the objects at ids, each with its data at ptrs; OTHER: other objects; MOVED: data moved",
         py::arg("tensors"), py::arg("ids"), py::arg("ptrs"));

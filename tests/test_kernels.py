@@ -240,8 +240,17 @@ def test_bad_input_is_rejected_before_anything_is_written(call, exc, match):
     assert all(torch.equal(x, y) for x, y in zip(accs + grads, before))
 
 
+def _fake(t):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return FakeTensorMode().from_tensor(t)
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
 @pytest.mark.parametrize("bad, exc, match", [
     (lambda g: [g[0], g[1][:7]], ValueError, r"accs\[1\] has shape \(20,\) but grads\[1\] has \(7,\)"),
+    (lambda g: [g[0], _fake(g[1])], TypeError, r"grads\[1\] is not plain memory"),
+    (lambda g: [g[0], torch._efficientzerotensor(20)], TypeError, r"grads\[1\] is not plain memory"),
+    (lambda g: [g[0], torch._neg_view(g[1])], TypeError, r"grads\[1\] is not plain memory"),
     (lambda g: [g[0].long(), g[1]], TypeError, r"grads\[0\] is torch.int64"),
     (lambda g: [g[0], g[1].double()], TypeError, "would round it"),
     (lambda g: [g[0], g[1].to("meta")], ValueError, r"accs\[1\] is on cpu but grads\[1\] is on meta"),
@@ -261,6 +270,78 @@ def test_the_binding_leaves_gradients_it_does_not_take_to_the_named_checks(bad, 
     assert all(torch.equal(a, b) for a, b in zip(accs, before))
 
 
+@pytest.mark.parametrize("case, exc, match", [
+    ("overlapping accumulators", ValueError, r"accs\[0\] and accs\[1\] overlap"),
+    ("weight beyond float32", ValueError, "beyond float32's range"),
+    ("empty, another shape", ValueError, r"accs\[1\] has shape \(2, 0\) but grads\[1\] has \(0, 2\)"),
+    ("accumulator grown in place", ValueError, r"accs\[0\] has shape \(4,\) but grads\[0\] has \(8,\)"),
+])
+def test_the_binding_path_keeps_the_accumulator_checks(case, exc, match, via):
+    backend = via("binding")
+    flat = torch.zeros(16)
+    accs, grads, weight = [flat[:4], flat[4:8]], [torch.randn(4), torch.randn(4)], 1.0
+    if case == "overlapping accumulators":
+        accs = [flat[:4], flat[2:6]]
+    if case == "empty, another shape":
+        accs, grads = [flat[:4], torch.zeros(2, 0)], [torch.randn(4), torch.randn(0, 2)]
+    for _ in range(3 if case == "accumulator grown in place" else 0):   # cached as they were
+        kernels.accumulate_(accs, [torch.randn(4), torch.randn(4)], 1.0, backend=backend)
+    if case == "accumulator grown in place":
+        accs[0].as_strided_((8,), (1,))                # same object and address, now over accs[1]
+        grads = [torch.randn(8), torch.randn(4)]
+    if case == "weight beyond float32":
+        weight = 1e39
+    before = flat.clone()
+    with pytest.raises(exc, match=match):
+        kernels.accumulate_(accs, grads, weight, backend=backend)
+    assert torch.equal(flat, before)
+
+
+def test_the_binding_hands_non_contiguous_gradients_to_the_layout_copy(via):
+    backend = via("binding")
+    gen = torch.Generator().manual_seed(12)
+    accs = [torch.randn(7, 12, generator=gen), torch.randn(33, generator=gen)]
+    grads = [randn(84, torch.bfloat16, gen).view(12, 7).t(), randn(33, torch.float16, gen)]
+    want = [a.double() for a in accs]
+    for _ in range(3):                                 # fresh, then cached accumulators
+        kernels.accumulate_(accs, grads, 0.5, backend=backend)
+        want = [w + 0.5 * g.double() for w, g in zip(want, grads)]
+    for a, w in zip(accs, want):
+        torch.testing.assert_close(a.double(), w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.interpreter
+def test_the_kernels_refuse_what_is_not_plain_memory():
+    """A lazily negated view's memory holds -t: read as plain memory it would be added with the
+    wrong sign (the torch path adds it right; torch itself refuses to scale one in place)."""
+    g = torch._neg_view(torch.randn(300))
+    acc = torch.zeros(300)
+    with pytest.raises(TypeError, match=r"grads\[0\] is not plain memory"):
+        kernels.accumulate_([acc], [g], 1.0, backend="triton")
+    with pytest.raises(TypeError, match=r"grads\[0\] is not plain memory"):
+        kernels.finalize_([g], 0.5, 1.0, backend="triton")
+    assert not acc.any()
+    kernels.accumulate_([acc], [g], 1.0, backend="torch")
+    torch.testing.assert_close(acc, g.resolve_neg())
+
+
+@pytest.mark.interpreter
+def test_another_backend_asked_for_is_not_overruled_by_the_binding(via, monkeypatch):
+    backend = via("binding")
+    called = []
+    real = kernels.cuda_ext._module.accumulate_lists
+    monkeypatch.setattr(kernels.cuda_ext._module, "accumulate_lists", lambda *a: called.append(1) or real(*a))
+    accs, grads = [torch.zeros(5), torch.zeros(9)], [torch.randn(5), torch.randn(9)]
+    for chosen in ("triton", "torch"):
+        kernels.accumulate_(accs, grads, 1.0, backend=chosen)
+    monkeypatch.setenv("AUTOACCUM_BACKEND", "torch")
+    kernels.accumulate_(accs, grads, 1.0)
+    assert not called
+    kernels.accumulate_(accs, grads, 1.0, backend=backend)
+    assert called == [1]
+    torch.testing.assert_close(accs[1], 4 * grads[1])
+
+
 def test_the_binding_takes_fresh_gradients_without_python_facts(via, monkeypatch):
     """Autograd's new gradients every micro-batch: one C++ call, no per-tensor work in Python."""
     from autoaccum.kernels import group
@@ -274,11 +355,14 @@ def test_the_binding_takes_fresh_gradients_without_python_facts(via, monkeypatch
     monkeypatch.setattr(group.Facts, "__init__", lambda self, ts: built.append(len(ts)) or real_facts(self, ts))
     monkeypatch.setattr(kernels.cuda_ext._module, "accumulate_lists", lambda *a: calls.append(1) or real_lists(*a))
     want = flat.double().clone()
-    for step in range(4):
+    for step in range(5):
         grads = [randn(a.numel(), dtype, gen) for a, dtype in zip(accs, DTYPES)]   # bf16, fp16, fp32 at once
+        if step == 4:
+            grads[1] = None                            # skipped in C++ too
         kernels.accumulate_(list(accs), grads, 0.25, backend=backend)
-        want += 0.25 * torch.cat([g.double() for g in grads])
-    assert calls == [1] * 4 and built == [3], "only the accumulators' facts (second sighting), none for gradients"
+        want += 0.25 * torch.cat([g.double() if g is not None else torch.zeros(a.numel(), dtype=torch.float64)
+                                  for a, g in zip(accs, grads)])
+    assert calls == [1] * 5 and built == [3], "only the accumulators' facts (second sighting), none for gradients"
     torch.testing.assert_close(flat.double(), want, rtol=1e-6, atol=1e-6)
 
 
@@ -417,6 +501,27 @@ def test_small_tensors_beside_a_normal_one_are_not_read_again(monkeypatch, combi
     reads.clear()
     assert abs(norm_of(tiny) - exact) <= 2e-6 * exact
     assert len(reads) >= 21
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_accumulate_through_every_path_of_the_dispatch(backend):
+    """Fresh gradients (the extension checks them in C++), a list with a transposed gradient (the
+    layout copy, Python's launch tables) seen often enough to be cached, and None entries."""
+    from autoaccum.kernels import cuda_ext
+    if backend == "cuda" and cuda_ext.load(jit=True) is None:
+        pytest.fail(f"the CUDA extension did not build: {cuda_ext.reason()}")
+    gen = torch.Generator().manual_seed(15)
+    accs = [torch.randn(7, 12, generator=gen).cuda(), torch.randn(5, generator=gen).cuda(),
+            torch.randn(70001, generator=gen).cuda()]
+    want = [a.cpu().double() for a in accs]
+    odd = [randn(84, torch.bfloat16, gen).view(12, 7).t().cuda(), None, randn(70001, torch.float16, gen).cuda()]
+    for step in range(6):
+        grads = odd if step % 2 else [randn(a.numel(), torch.bfloat16, gen).view(a.shape).cuda() for a in accs]
+        kernels.accumulate_(accs, grads, 0.5, backend=backend)
+        want = [w + 0.5 * g.cpu().double() if g is not None else w for w, g in zip(want, grads)]
+    for a, w in zip(accs, want):
+        assert torch.allclose(a.cpu().double(), w, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.cuda

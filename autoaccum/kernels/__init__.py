@@ -22,6 +22,7 @@ import math
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from . import cuda_ext, group, reference, table
@@ -93,6 +94,8 @@ def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
         grads = [g if go == ao else torch.empty_like(a, dtype=g.dtype).copy_(g)
                  for a, g, ao, go in zip(accs, grads, acc.orders, grad.orders)]
         grad = group.facts_of(grads)
+    _check_plain_memory(acc, accs, "accs", where)
+    _check_plain_memory(grad, grads, "grads", where)
     if chosen == "triton":
         from . import accumulate as tri
         tri.accumulate_(acc, grad, w, assign, acc.device)
@@ -146,6 +149,7 @@ def finalize_(grads: Sequence[torch.Tensor | None], inv_scale: float | torch.Ten
     chosen = _choose(device, backend, fast_ok)
     if chosen == "torch":
         return reference.finalize_(list(grads), inv_scale, max_norm, apply)
+    _check_plain_memory(facts, grads, "grads", where)
     inv = _inv_tensor(inv_scale, device, torch.float32)
     if chosen == "triton":
         from . import finalize as tri
@@ -194,14 +198,15 @@ def _accumulate_native(acc: group.Facts, accs: list, grads: list, w: float, weig
                        backend: str | None) -> bool:
     """The extension's ``accumulate_lists``: no facts for the gradients, which autograd makes anew
     every micro-batch (about 0.5 µs per tensor in Python). For accumulators that ``_check_pairs``
-    would pass and the CUDA kernels write as flat memory; False (nothing written) sends the call the
-    long way, whose checks name the culprit or handle the case (None, a layout to copy)."""
+    would pass and the CUDA kernels write as flat memory; None gradients are skipped there too.
+    False (nothing written) sends the call the long way, whose checks name the culprit or handle
+    the case (a layout to copy)."""
     if not (acc.device is not None and acc.dtype_set == _F32_SET and acc.contiguous and acc.overlap(accs) is None
             and _choose(acc.device, backend, True) == "cuda"):
         return False
     _check_weight_range(acc, w, weight)
     with _cuda(acc.device) as (mod, stream):
-        return mod.accumulate_lists(accs, grads, w, bool(assign), stream) < 0
+        return mod.accumulate_lists(accs, grads, _host(acc, "numels", None), w, bool(assign), stream) < 0
 
 
 def _fit_for_torch(acc: group.Facts, accs: list, grads: list, g_dtypes: frozenset) -> bool:
@@ -289,6 +294,22 @@ def _check_pairs(acc: group.Facts, grad: group.Facts, accs: list, grads: list, w
                          f"accumulator needs its own memory")
     if acc.cached and grad.cached:
         acc.cache["checked with"] = grad
+
+
+def _check_plain_memory(facts: group.Facts, tensors: list, name: str, where: list[int] | None) -> None:
+    """What the kernels read and write is plain memory at the tensors' addresses: not a tensor without
+    data (fake, zero: address 0) or a lazily negated view (its memory holds -t). The torch path takes
+    both. Checked once for a cached list."""
+    if facts.cache.get("plain memory"):
+        return
+    bad = np.flatnonzero((facts.ptrs == 0) & (facts.numels > 0))
+    i = int(bad[0]) if bad.size else next((i for i, t in enumerate(tensors) if t.is_neg()), None)
+    if i is not None:
+        raise TypeError(f"{name}[{_at(where, i)}] is not plain memory (a fake or zero tensor, or a lazily negated "
+                        f"view): the fused kernels read and write memory directly; pass a materialised tensor "
+                        f"(t.clone()), or backend='torch'")
+    if facts.cached:
+        facts.cache["plain memory"] = True
 
 
 def _check_once(key: tuple[int, ...]) -> None:
