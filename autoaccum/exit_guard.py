@@ -42,9 +42,17 @@ def track(t: torch.Tensor) -> torch.Tensor:
         if not _tracked_any:
             atexit.register(wait_for_release)
             _tracked_any = True
-        _pending[:] = [e for e in _pending if not _released(e)][-(_KEEP - 1):]
+        # Forget the dead, and this tensor's earlier entries that are released. Not other live
+        # tensors' entries: another thread's tensor may be between its track() and its collective,
+        # its count not yet raised, and forgetting it would reopen the exit race for it.
+        _pending[:] = [e for e in _pending if _live_other(e, t)][-(_KEEP - 1):]
         _pending.append(entry)
     return t
+
+
+def _live_other(entry: tuple[weakref.ref, int], t: torch.Tensor) -> bool:
+    held = entry[0]()
+    return held is not None and not (held is t and held._use_count() <= entry[1])
 
 
 def _released(entry: tuple[weakref.ref, int]) -> bool:
