@@ -52,7 +52,7 @@ def track(t: torch.Tensor) -> torch.Tensor:
 
 def _live_other(entry: tuple[weakref.ref, int], t: torch.Tensor) -> bool:
     held = entry[0]()
-    return held is not None and not (held is t and held._use_count() <= entry[1])
+    return held is not None and (held is not t or not _released(entry))
 
 
 def _released(entry: tuple[weakref.ref, int]) -> bool:

@@ -86,8 +86,8 @@ def host_binding(build_dir: Path | None = None, compute: bool = False):
     """``csrc/bindings.cpp`` built for this machine's CPU with no-op launchers (``compute``: with an
     accumulate launcher that does the work on host memory, for the tests), also on a GPU machine,
     where its checks take CUDA tensors as they come and nothing is launched; or the reason it could
-    not be built (no compiler, no ninja, a build error). The build folder and module name carry a hash of
-    the sources, torch and Python, so checkouts and versions never share a half-built module."""
+    not be built (no compiler, no ninja, a build error). The build folder and module name carry a
+    hash of the sources, torch and Python, so checkouts and versions never share a half-built module."""
     try:
         from torch.utils.cpp_extension import load
         digest = hashlib.sha256()
@@ -140,7 +140,8 @@ def summary(samples: list[float]) -> dict:
 
 
 def measure(count: int, backend: str, device: str, calls: int, binding=None) -> list[dict]:
-    """``binding``: the host-built extension whose ``same_tensors`` the cache uses (``cuda`` rows)."""
+    """``binding``: the host-built binding, whose ``same_tensors`` and ``accumulate_lists`` the ``cuda``
+    rows use (None: the Python checks)."""
     kernels.forget()
     kernels.cuda_ext._module = binding if backend == "cuda" else None
     _NoExtension.binding = binding

@@ -56,9 +56,10 @@ def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
     if len(accs) != len(grads):
         raise ValueError(f"accs and grads must pair up; got {len(accs)} accumulators and {len(grads)} gradients")
     acc = None
+    check_accs = lambda ts: _check_tensors(ts, "accs", None, grads)   # noqa: E731 - the whole list's
     g_dtypes = _plain(grads, backend) if accs else None
     if g_dtypes:                                   # the torch path needs no launch facts for the gradients
-        acc = group.facts_of(accs, check=lambda ts: _check_tensors(ts, "accs", None, grads))
+        acc = group.facts_of(accs, check=check_accs)
         if _fit_for_torch(acc, accs, grads, g_dtypes):
             _check_weight_range(acc, w, weight)
             reference.accumulate_(accs, grads, w, assign)
@@ -66,7 +67,7 @@ def accumulate_(accs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | Non
     g_key = None
     grad = group.recall(grads)                     # a cached list holds no None
     if grad is None and accs and _native_ok(backend):   # fresh gradients: the extension checks them itself
-        acc = group.facts_of(accs, check=lambda ts: _check_tensors(ts, "accs", None, grads))
+        acc = group.facts_of(accs, check=check_accs)
         if _accumulate_native(acc, accs, grads, w, weight, assign, backend):
             return
     if grad is None:

@@ -139,7 +139,7 @@ def recall(tensors) -> Facts | None:
     same = _same_tensors()
     if same is None or not tensors:
         return None
-    hit = _by_ends.get((len(tensors), id(tensors[0]), id(tensors[-1])))
+    hit = _by_ends.get((len(tensors), id(tensors[0]), id(tensors[-1])))   # _ends of their key
     if hit is None or hit._ident is None:
         return None
     found = same(tensors, *hit._ident)
@@ -159,7 +159,7 @@ def cached(key: tuple[int, ...], tensors: list) -> Facts | None:
         _drop(key)
         return None
     if hit._ident is not None:   # recall() finds it next time
-        _by_ends[(len(tensors), key[0], key[-1])] = hit
+        _by_ends[_ends(key)] = hit
     return hit
 
 
@@ -216,14 +216,18 @@ def _same_tensors():
     return getattr(cuda_ext.loaded(), "same_tensors", None)
 
 
+def _ends(key: tuple[int, ...]) -> tuple[int, int, int]:
+    """Where :func:`recall` looks a list up: its length and the ids at its two ends."""
+    return len(key), key[0], key[-1]
+
+
 def _drop(key: tuple[int, ...]) -> None:
     """Forget one entry. Clearing ``_ident`` first keeps :func:`recall` from vouching for it."""
     facts = _entries.pop(key, None)
     if facts is not None:
         facts._ident = None
-        ends = (facts.n, key[0], key[-1])
-        if _by_ends.get(ends) is facts:
-            del _by_ends[ends]
+        if _by_ends.get(_ends(key)) is facts:
+            del _by_ends[_ends(key)]
 
 
 def _remember(key: tuple[int, ...], facts: Facts, tensors: list[torch.Tensor]) -> None:
@@ -240,7 +244,7 @@ def _remember(key: tuple[int, ...], facts: Facts, tensors: list[torch.Tensor]) -
                     torch.from_numpy(np.fromiter(map(torch.Tensor.data_ptr, tensors), np.int64, facts.n)))
     facts._key = key
     _entries[key] = facts
-    _by_ends[(facts.n, key[0], key[-1])] = facts
+    _by_ends[_ends(key)] = facts
     _seen.pop(key, None)
     if len(_entries) > MAX_ENTRIES:   # first in, first out: a hit costs no reordering
         _drop(next(iter(_entries)))
